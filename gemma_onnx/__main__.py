@@ -1,0 +1,3 @@
+from gemma_onnx.cli import main
+
+main()
