@@ -1,0 +1,148 @@
+"""Export: weights folder -> model folder, written atomically.
+
+The folder is assembled in a temporary directory beside the output and renamed into place only
+when complete, so an interrupted or failed build (Ctrl-C, kill, a full disk, a bad tensor found
+mid-write) leaves nothing at the output path. An existing output is replaced only with
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+from gemma_onnx.builder.config import Gemma3Config
+from gemma_onnx.builder.graph import build_graph
+from gemma_onnx.builder.weights import find_safetensors, load_checkpoint
+from gemma_onnx.errors import GemmaOnnxError
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"  # the external-data name optimum and transformers.js expect
+TARGETS = ("portable",)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def _text_config_json(raw: dict) -> dict:
+    """The config clients should see: the decoder's, as a Gemma3ForCausalLM (the ONNX graph is
+    the text decoder, even when the source was a ConditionalGeneration checkpoint)."""
+    if raw.get("model_type") != "gemma3":
+        return raw
+    text = dict(raw["text_config"])
+    text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"):
+        if key in raw and key not in text:
+            text[key] = raw[key]
+    text["model_type"] = "gemma3_text"
+    text["architectures"] = ["Gemma3ForCausalLM"]
+    return text
+
+
+def _generation_config(source: Path, config_json: dict) -> dict:
+    path = source / "generation_config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise GemmaOnnxError(f"{path}: not a readable JSON file ({exc})") from None
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: config_json[k] for k in keys if config_json.get(k) is not None}
+
+
+def _check_output(output: Path, source: Path, overwrite: bool) -> None:
+    resolved, src = output.resolve(), source.resolve()
+    if resolved == src or resolved in src.parents:
+        raise GemmaOnnxError(f"{output}: the output folder would contain the source weights")
+    if output.exists() and not overwrite:
+        if output.is_file() or any(output.iterdir()):
+            raise GemmaOnnxError(f"{output}: already exists; pass --overwrite to replace it")
+
+
+def _write_files(model: ir.Model, staging: Path, source: Path, config_json: dict,
+                 progress: bool) -> None:
+    callback = None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="converting weights", unit="tensor", leave=True)
+
+        def callback(tensor: ir.TensorProtocol, info) -> None:
+            if bar.total is None:
+                bar.total = info.total
+            bar.set_postfix_str(str(tensor.name)[-40:], refresh=False)
+            bar.update()
+
+    try:
+        ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE, callback=callback)
+    finally:
+        if bar is not None:
+            bar.close()
+    (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    generation = _generation_config(source, config_json)
+    (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, staging / name)
+
+
+def _move_into_place(staging: Path, output: Path, overwrite: bool) -> None:
+    if output.exists() and overwrite and (output.is_file() or any(output.iterdir())):
+        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        os.replace(output, trash / output.name)
+        os.replace(staging, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        if output.exists():
+            output.rmdir()  # empty folder: nothing of the user's is lost
+        os.replace(staging, output)
+
+
+def build_model(
+    weights: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    target: str = "portable",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Builds a model folder (model.onnx + model.onnx_data, config, generation config, tokenizer).
+
+    ``weights`` is a Hugging Face model folder or a ``.safetensors`` file with ``config.json``
+    beside it (shards through ``model.safetensors.index.json``). Returns the output folder.
+    """
+    if target not in TARGETS:
+        raise GemmaOnnxError(f"target {target!r} is not supported; choose from {', '.join(TARGETS)}")
+    weights, output = Path(weights), Path(output)
+    _, source = find_safetensors(weights)
+    config_path = source / "config.json"
+    config = Gemma3Config.from_file(config_path)
+    config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")))
+    checkpoint = load_checkpoint(weights, config)
+    model = build_graph(config, checkpoint, precision)
+
+    _check_output(output, source, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        _write_files(model, staging, source, config_json, progress)
+        _move_into_place(staging, output, overwrite)
+    except OSError as exc:
+        raise GemmaOnnxError(f"{output}: could not write the model ({exc.strerror or exc})") from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return output

@@ -1,0 +1,355 @@
+"""Graph assembly: a Gemma 3 text decoder as an ONNX model (onnx_ir), top-down in architecture order.
+
+embed -> (mask, RoPE once per layer type) -> layers -> final norm -> tied LM head.
+
+The graph follows the portable I/O contract of optimum / transformers.js / onnxruntime-genai:
+``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key|value`` in;
+``logits``, ``present.{i}.key|value`` out. One optional extra, ``logits_to_keep`` (an overridable
+initializer, default 0 = every position), lets a runtime ask for the last k positions' logits only,
+so a long prefill never materializes [S, vocab] logits; clients that do not know it never see it.
+
+Initializers carry HF module paths. Linear weights are stored transposed (``[in, out]``, suffix
+``weight_t``) so each projection is one MatMul; norms store ``1 + w`` in float32 (suffix
+``scale``). Weights are ``onnx_ir.LazyTensor``s: nothing is converted until the model is saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from gemma_onnx.builder.config import FULL, SLIDING, Gemma3Config
+from gemma_onnx.builder.functions import DOMAIN, function_protos
+from gemma_onnx.builder.weights import Checkpoint
+from gemma_onnx.errors import GemmaOnnxError
+
+OPSET = 18  # standard ops only; runs on ONNX Runtime 1.14+ (see README, "Opset")
+IR_VERSION = 8
+
+PRECISIONS = {
+    "fp32": (ir.DataType.FLOAT, np.dtype(np.float32)),
+    "fp16": (ir.DataType.FLOAT16, np.dtype(np.float16)),
+    "bf16": (ir.DataType.BFLOAT16, np.dtype(ml_dtypes.bfloat16)),
+}
+
+
+def rope_inv_freq(head_dim: int, theta: float, factor: float) -> np.ndarray:
+    """HF's ``1 / theta ** (arange(0, D, 2) / D)`` in float32, then ``/ factor`` (linear RoPE)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = np.float32(1.0) / np.power(np.float32(theta), exponents, dtype=np.float32)
+    return (inv_freq / np.float32(factor)).astype(np.float32)
+
+
+class _WeightConverter:
+    """Makes LazyTensors that read one checkpoint tensor, convert it and check it is finite."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: np.dtype):
+        self.tensors = checkpoint.tensors
+        self.dtype = dtype
+
+    def lazy(self, hf_name: str, out_name: str, convert: Callable[[np.ndarray], np.ndarray],
+             dtype: ir.DataType, shape: tuple[int, ...]) -> ir.LazyTensor:
+        source = self.tensors[hf_name]
+
+        def load() -> ir.Tensor:
+            raw = source.numpy()
+            if not np.isfinite(raw).all():
+                raise GemmaOnnxError(f"tensor {hf_name!r} contains NaN or infinite values")
+            # astype copies, so the memory map can be released before the next tensor.
+            array = np.ascontiguousarray(convert(raw))
+            del raw
+            source.release()
+            if not np.isfinite(array).all():
+                raise GemmaOnnxError(
+                    f"tensor {hf_name!r} overflows {array.dtype}; build with fp32 or bf16"
+                )
+            return ir.Tensor(array, name=out_name)
+
+        return ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=out_name)
+
+
+class DecoderGraph:
+    """Builds the graph; one method per architectural piece, called top-down by :meth:`build`."""
+
+    def __init__(self, config: Gemma3Config, checkpoint: Checkpoint, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise GemmaOnnxError(
+                f"precision {precision!r} is not supported; choose from {', '.join(PRECISIONS)}"
+            )
+        self.config = config
+        self.ir_dtype, self.np_dtype = PRECISIONS[precision]
+        self.weights = _WeightConverter(checkpoint, self.np_dtype)
+        self.tape = ir.tape.Tape()
+        self._values: dict[str, ir.Value] = {}
+
+    # ---- small helpers -------------------------------------------------------------------
+    def op(self, op_type: str, inputs, name: str, out: str | None = None, domain: str = "",
+           **attributes) -> ir.Value:
+        value = self.tape.op(op_type, inputs, attributes or None, domain=domain, name=name)
+        value.name = out or f"{name}/output"
+        return value
+
+    def op_multi(self, op_type: str, inputs, name: str, outs: list[str], domain: str = "",
+                 **attributes) -> list[ir.Value]:
+        values = self.tape.op_multi_out(
+            op_type, inputs, attributes or None, num_outputs=len(outs), domain=domain, name=name
+        )
+        for value, out in zip(values, outs):
+            value.name = out
+        return list(values)
+
+    def fn(self, function: str, inputs, name: str, out: str | None = None, **attributes):
+        return self.op(function, inputs, name, out, domain=DOMAIN, **attributes)
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        if name not in self._values:
+            self._values[name] = self.tape.initializer(ir.tensor(array, name=name), name=name)
+        return self._values[name]
+
+    def weight(self, hf_name: str, kind: str) -> ir.Value:
+        """An initializer from a checkpoint tensor. kind: 'embed', 'linear', 'bias' or 'norm'."""
+        if hf_name in self._values:
+            return self._values[hf_name]
+        shape = tuple(self.weights.tensors[hf_name].shape.numpy())
+        np_dtype, ir_dtype = self.np_dtype, self.ir_dtype
+        if kind == "linear":  # HF [out, in] -> [in, out], so the projection is x @ W
+            out_name, out_shape = hf_name.removesuffix(".weight") + ".weight_t", shape[::-1]
+
+            def convert(a):
+                return a.T.astype(np_dtype)
+
+        elif kind == "norm":  # Gemma3RMSNorm: (1.0 + weight.float()), in float32
+            out_name, out_shape = hf_name.removesuffix(".weight") + ".scale", shape
+            ir_dtype = ir.DataType.FLOAT
+
+            def convert(a):
+                return a.astype(np.float32) + np.float32(1.0)
+
+        else:
+            out_name, out_shape = hf_name, shape
+
+            def convert(a):
+                return a.astype(np_dtype)
+
+        lazy = self.weights.lazy(hf_name, out_name, convert, ir_dtype, out_shape)
+        value = self.tape.initializer(lazy, name=out_name)
+        self._values[hf_name] = value
+        return value
+
+    # ---- the model, top-down -------------------------------------------------------------
+    def build(self) -> ir.Model:
+        cfg = self.config
+        inputs, past = self.graph_inputs()
+        input_ids, attention_mask, position_ids, logits_to_keep = inputs
+
+        hidden = self.embed(input_ids)
+        masks = self.masks(attention_mask, input_ids)
+        rope = self.rotary(position_ids)
+        presents = []
+        for i, layer_type in enumerate(cfg.layer_types):
+            hidden, present = self.decoder_layer(
+                i, hidden, masks[layer_type], rope[layer_type], past[2 * i], past[2 * i + 1]
+            )
+            presents += present
+        logits = self.lm_head(hidden, logits_to_keep)
+
+        graph = ir.Graph(
+            inputs=[input_ids, attention_mask, position_ids, *past, logits_to_keep],
+            outputs=[logits, *presents],
+            nodes=self.tape.nodes,
+            initializers=self.tape.initializers,
+            opset_imports={"": OPSET, DOMAIN: 1},
+            name="gemma3_text_decoder",
+        )
+        model = ir.Model(
+            graph,
+            ir_version=IR_VERSION,
+            producer_name="gemma-onnx",
+            doc_string="Gemma 3 text decoder built by gemma-onnx from safetensors weights",
+        )
+        for proto in function_protos():
+            function = ir.serde.deserialize_function(proto)
+            model.functions[function.identifier()] = function
+        return model
+
+    def graph_inputs(self) -> tuple[list[ir.Value], list[ir.Value]]:
+        cfg = self.config
+        kv, dim = cfg.num_key_value_heads, cfg.head_dim
+        i64 = ir.TensorType(ir.DataType.INT64)
+        input_ids = ir.Value(name="input_ids", type=i64,
+                             shape=ir.Shape(["batch_size", "sequence_length"]))
+        attention_mask = ir.Value(name="attention_mask", type=i64,
+                                  shape=ir.Shape(["batch_size", "total_sequence_length"]))
+        position_ids = ir.Value(name="position_ids", type=i64,
+                                shape=ir.Shape(["batch_size", "sequence_length"]))
+        past = [
+            ir.Value(
+                name=f"past_key_values.{i}.{kind}",
+                type=ir.TensorType(self.ir_dtype),
+                shape=ir.Shape(["batch_size", kv, "past_sequence_length", dim]),
+            )
+            for i in range(cfg.num_hidden_layers)
+            for kind in ("key", "value")
+        ]
+        # Overridable initializer: an input with a default, so clients may leave it out.
+        logits_to_keep = self.const("logits_to_keep", np.array(0, dtype=np.int64))
+        return [input_ids, attention_mask, position_ids, logits_to_keep], past
+
+    def embed(self, input_ids: ir.Value) -> ir.Value:
+        """Gather, then scale by sqrt(hidden_size) cast to the compute dtype (fp32: 25.2982 for
+        hidden 640, bf16: 25.25), as ``Gemma3TextScaledWordEmbedding`` does."""
+        table = self.weight("model.embed_tokens.weight", "embed")
+        rows = self.op("Gather", [table, input_ids], "model.embed_tokens")  # [B, S, E]
+        scale = self.const("model.embed_tokens.embed_scale",
+                           np.array(self.config.embed_scale, dtype=np.float32).astype(self.np_dtype))
+        return self.op("Mul", [rows, scale], "model.embed_tokens.scale")
+
+    def masks(self, attention_mask: ir.Value, input_ids: ir.Value) -> dict[str, ir.Value]:
+        """One boolean [B, 1, S, T] mask per layer type, built once per forward pass."""
+        present = set(self.config.layer_types)
+        masks = {}
+        if FULL in present:
+            masks[FULL] = self.fn("CausalMask", [attention_mask, input_ids], "model.causal_mask")
+        if SLIDING in present:
+            masks[SLIDING] = self.fn(
+                "SlidingWindowMask", [attention_mask, input_ids], "model.sliding_window_mask",
+                window=self.config.sliding_window,
+            )
+        return masks
+
+    def rotary(self, position_ids: ir.Value) -> dict[str, tuple[ir.Value, ir.Value]]:
+        """cos/sin per layer type: theta 10k on sliding layers, 1M (+ linear scaling) on global."""
+        tables = {}
+        for layer_type in sorted(set(self.config.layer_types)):
+            params = self.config.rope[layer_type]
+            prefix = f"model.rotary_emb.{layer_type}"
+            inv_freq = self.const(
+                f"{prefix}.inv_freq",
+                rope_inv_freq(self.config.head_dim, params.theta, params.factor),
+            )
+            tables[layer_type] = tuple(self.op_multi(
+                "RotaryCosSin", [position_ids, inv_freq], prefix,
+                [f"{prefix}.cos", f"{prefix}.sin"], domain=DOMAIN,
+            ))
+        return tables
+
+    def rms_norm(self, x: ir.Value, module: str) -> ir.Value:
+        return self.fn("RMSNorm", [x, self.weight(f"{module}.weight", "norm")], module,
+                       epsilon=self.config.rms_norm_eps)
+
+    def linear(self, x: ir.Value, module: str) -> ir.Value:
+        y = self.op("MatMul", [x, self.weight(f"{module}.weight", "linear")], module)
+        if self.config.attention_bias and f"{module}.bias" in self.weights.tensors:
+            y = self.op("Add", [y, self.weight(f"{module}.bias", "bias")], f"{module}.bias_add")
+        return y
+
+    def heads(self, x: ir.Value, count: int, name: str) -> ir.Value:
+        """[B, S, count * D] -> [B, count, S, D]."""
+        shape = self.const(f"shape.heads_{count}",
+                           np.array([0, 0, count, self.config.head_dim], dtype=np.int64))
+        split = self.op("Reshape", [x, shape], f"{name}.reshape")
+        return self.op("Transpose", [split], f"{name}.transpose", perm=[0, 2, 1, 3])
+
+    def decoder_layer(self, i: int, hidden: ir.Value, mask: ir.Value,
+                      cos_sin: tuple[ir.Value, ir.Value], past_key: ir.Value,
+                      past_value: ir.Value) -> tuple[ir.Value, list[ir.Value]]:
+        """Sandwich norms: x += post_attn_norm(attn(input_norm(x)));
+        x += post_ff_norm(mlp(pre_ff_norm(x)))."""
+        p = f"model.layers.{i}"
+        residual = hidden
+        hidden = self.rms_norm(hidden, f"{p}.input_layernorm")
+        hidden, present = self.attention(i, hidden, mask, cos_sin, past_key, past_value)
+        hidden = self.rms_norm(hidden, f"{p}.post_attention_layernorm")
+        hidden = self.op("Add", [residual, hidden], f"{p}.attn_residual")
+
+        residual = hidden
+        hidden = self.rms_norm(hidden, f"{p}.pre_feedforward_layernorm")
+        hidden = self.mlp(hidden, f"{p}.mlp")
+        hidden = self.rms_norm(hidden, f"{p}.post_feedforward_layernorm")
+        hidden = self.op("Add", [residual, hidden], f"{p}.mlp_residual", out=f"{p}/output")
+        return hidden, present
+
+    def attention(self, i: int, hidden: ir.Value, mask: ir.Value,
+                  cos_sin: tuple[ir.Value, ir.Value], past_key: ir.Value,
+                  past_value: ir.Value) -> tuple[ir.Value, list[ir.Value]]:
+        cfg = self.config
+        p = f"model.layers.{i}.self_attn"
+        cos, sin = cos_sin
+        query = self.heads(self.linear(hidden, f"{p}.q_proj"), cfg.num_attention_heads, f"{p}.q")
+        key = self.heads(self.linear(hidden, f"{p}.k_proj"), cfg.num_key_value_heads, f"{p}.k")
+        value = self.heads(self.linear(hidden, f"{p}.v_proj"), cfg.num_key_value_heads, f"{p}.v")
+        # q_norm / k_norm over head_dim, before RoPE.
+        query = self.rms_norm(query, f"{p}.q_norm")
+        key = self.rms_norm(key, f"{p}.k_norm")
+        query = self.fn("RotaryEmbedding", [query, cos, sin], f"{p}.q_rotary")
+        key = self.fn("RotaryEmbedding", [key, cos, sin], f"{p}.k_rotary")
+        # Every layer keeps full-length KV; the sliding window lives in the mask.
+        present_key = self.op("Concat", [past_key, key], f"{p}.present_key",
+                              out=f"present.{i}.key", axis=2)
+        present_value = self.op("Concat", [past_value, value], f"{p}.present_value",
+                                out=f"present.{i}.value", axis=2)
+        context = self.fn(
+            "GroupQueryAttention", [query, present_key, present_value, mask], f"{p}.attention",
+            scale=cfg.attn_scale, softcap=cfg.attn_logit_softcapping or 0.0,
+        )  # [B, S, H * D]
+        return self.linear(context, f"{p}.o_proj"), [present_key, present_value]
+
+    def mlp(self, hidden: ir.Value, module: str) -> ir.Value:
+        weights = [self.weight(f"{module}.{proj}.weight", "linear")
+                   for proj in ("gate_proj", "up_proj", "down_proj")]
+        return self.fn("GeluTanhMLP", [hidden, *weights], module)
+
+    def lm_head(self, hidden: ir.Value, logits_to_keep: ir.Value) -> ir.Value:
+        """Final norm and LM head over the last ``logits_to_keep`` positions (0 = all).
+
+        The tied head reuses the embedding initializer through Gemm(transB=1), so the file and
+        the session hold one copy of the [vocab, hidden] matrix.
+        """
+        cfg = self.config
+        starts = self.op("Neg", [self.op("Reshape", [logits_to_keep, self.const(
+            "shape.one", np.array([1], dtype=np.int64))], "lm_head.keep_1d")], "lm_head.keep_start")
+        kept = self.op("Slice", [hidden, starts,
+                                 self.const("lm_head.keep_end", np.array([2**62], np.int64)),
+                                 self.const("lm_head.keep_axis", np.array([1], np.int64))],
+                       "lm_head.keep")  # [B, S', E]
+        hidden = self.rms_norm(kept, "model.norm")
+        flat = self.op("Reshape", [hidden, self.const(
+            "shape.rows", np.array([-1, cfg.hidden_size], dtype=np.int64))], "lm_head.flatten")
+        if cfg.tie_word_embeddings:
+            table = self.weight("model.embed_tokens.weight", "embed")
+            scores = self.op("Gemm", [flat, table], "lm_head", transB=1)
+        else:
+            scores = self.op("MatMul", [flat, self.weight("lm_head.weight", "linear")], "lm_head")
+        if self.ir_dtype != ir.DataType.FLOAT:
+            scores = self.op("Cast", [scores], "lm_head.to_float", to=ir.DataType.FLOAT)
+        if cfg.final_logit_softcapping:
+            cap = self.const("lm_head.softcap", np.array(cfg.final_logit_softcapping, np.float32))
+            scores = self.op("Mul", [self.op("Tanh", [self.op("Div", [scores, cap],
+                             "lm_head.softcap_div")], "lm_head.softcap_tanh"), cap],
+                             "lm_head.softcap")
+        batch_seq = self.op("Shape", [kept], "lm_head.batch_seq", start=0, end=2)
+        shape = self.op("Concat", [batch_seq, self.const(
+            "shape.vocab", np.array([cfg.vocab_size], np.int64))], "lm_head.logits_shape", axis=0)
+        logits = self.op("Reshape", [scores, shape], "lm_head.unflatten", out="logits")
+        logits.dtype = ir.DataType.FLOAT
+        logits.shape = ir.Shape(["batch_size", "sequence_length", cfg.vocab_size])
+        return logits
+
+    def annotate_outputs(self, presents: list[ir.Value]) -> None:
+        cfg = self.config
+        for value in presents:
+            value.dtype = self.ir_dtype
+            value.shape = ir.Shape(
+                ["batch_size", cfg.num_key_value_heads, "total_sequence_length", cfg.head_dim]
+            )
+
+
+def build_graph(config: Gemma3Config, checkpoint: Checkpoint, precision: str = "fp32") -> ir.Model:
+    """The decoder as an in-memory ONNX model whose weights load lazily at save time."""
+    builder = DecoderGraph(config, checkpoint, precision)
+    model = builder.build()
+    builder.annotate_outputs(list(model.graph.outputs[1:]))
+    return model
