@@ -70,7 +70,9 @@ class Gemma3Config:
     max_position_embeddings: int
     attention_bias: bool  # q/k/v/o projections carry biases (False in every Gemma 3)
     final_logit_softcapping: float | None  # logits = cap * tanh(logits / cap) when set
-    attn_logit_softcapping: float | None  # same, on attention scores
+    # Read but not applied: HF's Gemma3Attention never passes it to attention (Gemma 3 replaced
+    # attention softcapping with q/k norms), and HF is the oracle. Checked in tests/test_parity.py.
+    attn_logit_softcapping: float | None
     tie_word_embeddings: bool  # LM head is the embedding matrix
     architecture: str  # "Gemma3ForCausalLM" or "Gemma3ForConditionalGeneration"
 

@@ -128,15 +128,18 @@ def build_model(
         raise GemmaOnnxError(f"target {target!r} is not supported; choose from {', '.join(TARGETS)}")
     weights, output = Path(weights), Path(output)
     _, source = find_safetensors(weights)
+    _check_output(output, source, overwrite)
     config_path = source / "config.json"
     config = Gemma3Config.from_file(config_path)
     config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")))
     checkpoint = load_checkpoint(weights, config)
     model = build_graph(config, checkpoint, precision)
 
-    _check_output(output, source, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         _write_files(model, staging, source, config_json, progress)
         _move_into_place(staging, output, overwrite)

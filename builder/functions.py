@@ -19,8 +19,8 @@ DOMAIN = "gemma_onnx"
 gemma = Opset(DOMAIN, 1)
 
 # Masked attention scores take float32's lowest value rather than -inf, as HF's eager path does:
-# a fully masked row (a left-padding query) then softmaxes to a finite uniform row, not NaN,
-# and a NaN can never reach other rows through probs @ V.
+# a fully masked row (a left-padding query) then softmaxes to a finite uniform row, not NaN, so
+# no NaN enters the padding slots' keys and values, where probs @ V would spread it (0 * NaN).
 _MASKED = -3.4028234663852886e38
 
 
@@ -86,15 +86,14 @@ def SlidingWindowMask(attention_mask: INT64, input_ids: INT64, window: int):
 
 
 @script(gemma)
-def GroupQueryAttention(query, key, value, mask: BOOL, scale: float, softcap: float):
-    """``softmax(mask(cap(query @ key.T * scale))) @ value`` with each KV head serving G query heads.
+def GroupQueryAttention(query, key, value, mask: BOOL, scale: float):
+    """``softmax(where(mask, query @ key.T * scale, lowest)) @ value``, each KV head serving
+    G query heads.
 
     query ``[B, H, S, D]``; key/value ``[B, K, T, D]``; mask ``[B, 1, S, T]``. Returns
-    ``[B, S, H * D]``. ``cap(s) = softcap * tanh(s / softcap)`` when softcap > 0 (Gemma 2 style;
-    null in Gemma 3). Softmax runs in float32 as in HF's eager path. Query heads are grouped by a
-    reshape, so the KV heads are never copied G times.
+    ``[B, S, H * D]``. Softmax runs in float32 as in HF's eager path. Query heads are grouped by
+    a reshape, so the KV heads are never copied G times.
     """
-    q_shape = op.Shape(query)  # [B, H, S, D]
     batch = op.Shape(query, start=0, end=1)
     kv_heads = op.Shape(key, start=1, end=2)
     head_dim = op.Shape(query, start=3, end=4)
@@ -102,18 +101,13 @@ def GroupQueryAttention(query, key, value, mask: BOOL, scale: float, softcap: fl
     grouped = op.Reshape(query, op.Concat(batch, kv_heads, minus_one, head_dim, axis=0))
     scores = op.MatMul(grouped, op.Transpose(key, perm=[0, 1, 3, 2]))  # [B, K, G*S, T]
     scores = op.Mul(op.Cast(scores, to=FLOAT.dtype), op.Constant(value_float=scale))
-    if softcap > 0.0:
-        cap = op.Constant(value_float=softcap)
-        capped = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
-    else:
-        capped = op.Identity(scores)
-    per_head = op.Reshape(capped, op.Concat(op.Shape(query, start=0, end=3), minus_one, axis=0))
+    per_head = op.Reshape(scores, op.Concat(op.Shape(query, start=0, end=3), minus_one, axis=0))
     masked = op.Where(mask, per_head, op.Constant(value_float=_MASKED))  # [B, H, S, T]
     probs = op.CastLike(op.Softmax(masked, axis=-1), query)
     probs = op.Reshape(probs, op.Shape(scores))  # [B, K, G*S, T]
-    context = op.Reshape(op.MatMul(probs, value), q_shape)  # [B, H, S, D]
-    merged = op.Concat(op.Shape(query, start=0, end=1), op.Shape(query, start=2, end=3), minus_one, axis=0)
-    return op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), merged)  # [B, S, H*D]
+    context = op.Reshape(op.MatMul(probs, value), op.Shape(query))  # [B, H, S, D]
+    merged = op.Concat(batch, op.Shape(query, start=2, end=3), minus_one, axis=0)  # [B, S, -1]
+    return op.Reshape(op.Transpose(context, perm=[0, 2, 1, 3]), merged)
 
 
 @script(gemma)

@@ -293,7 +293,7 @@ class DecoderGraph:
                                 out=f"present.{i}.value", axis=2)
         context = self.fn(
             "GroupQueryAttention", [query, present_key, present_value, mask], f"{p}.attention",
-            scale=cfg.attn_scale, softcap=cfg.attn_logit_softcapping or 0.0,
+            scale=cfg.attn_scale,
         )  # [B, S, H * D]
         return self.linear(context, f"{p}.o_proj"), [present_key, present_value]
 
