@@ -1,4 +1,4 @@
-"""Gemma 3 text-decoder config: read once from config.json (transformers 4.x or 5.x), validated once.
+"""Gemma 3 text-decoder config, read once from config.json (transformers 4.x or 5.x) and validated.
 
 Both architectures land here: ``Gemma3ForCausalLM`` (model_type ``gemma3_text``, fields at the top
 level) and ``Gemma3ForConditionalGeneration`` (model_type ``gemma3``, the decoder in

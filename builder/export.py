@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 import onnx_ir as ir
-
 from gemma_onnx.builder.config import Gemma3Config
 from gemma_onnx.builder.graph import build_graph
 from gemma_onnx.builder.weights import find_safetensors, load_checkpoint
+
 from gemma_onnx.errors import GemmaOnnxError
 
 MODEL_FILE = "model.onnx"
@@ -70,8 +70,9 @@ def _check_output(output: Path, source: Path, overwrite: bool) -> None:
             raise GemmaOnnxError(f"{output}: already exists; pass --overwrite to replace it")
 
 
-def _write_files(model: ir.Model, staging: Path, source: Path, config_json: dict,
-                 progress: bool) -> None:
+def _write_files(
+    model: ir.Model, staging: Path, source: Path, config_json: dict, progress: bool
+) -> None:
     callback = None
     bar = None
     if progress:
@@ -125,7 +126,9 @@ def build_model(
     beside it (shards through ``model.safetensors.index.json``). Returns the output folder.
     """
     if target not in TARGETS:
-        raise GemmaOnnxError(f"target {target!r} is not supported; choose from {', '.join(TARGETS)}")
+        raise GemmaOnnxError(
+            f"target {target!r} is not supported; choose from {', '.join(TARGETS)}"
+        )
     weights, output = Path(weights), Path(output)
     _, source = find_safetensors(weights)
     _check_output(output, source, overwrite)
@@ -144,7 +147,9 @@ def build_model(
         _write_files(model, staging, source, config_json, progress)
         _move_into_place(staging, output, overwrite)
     except OSError as exc:
-        raise GemmaOnnxError(f"{output}: could not write the model ({exc.strerror or exc})") from exc
+        raise GemmaOnnxError(
+            f"{output}: could not write the model ({exc.strerror or exc})"
+        ) from exc
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

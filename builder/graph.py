@@ -1,4 +1,4 @@
-"""Graph assembly: a Gemma 3 text decoder as an ONNX model (onnx_ir), top-down in architecture order.
+"""Graph assembly: a Gemma 3 text decoder as an ONNX model (onnx_ir), in architecture order.
 
 embed -> (mask, RoPE once per layer type) -> layers -> final norm -> tied LM head.
 
@@ -20,10 +20,10 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
-
 from gemma_onnx.builder.config import FULL, SLIDING, Gemma3Config
 from gemma_onnx.builder.functions import DOMAIN, function_protos
 from gemma_onnx.builder.weights import Checkpoint
+
 from gemma_onnx.errors import GemmaOnnxError
 
 OPSET = 18  # standard ops only; runs on ONNX Runtime 1.14+ (see README, "Opset")
@@ -37,9 +37,15 @@ PRECISIONS = {
 
 
 def rope_inv_freq(head_dim: int, theta: float, factor: float) -> np.ndarray:
-    """HF's ``1 / theta ** (arange(0, D, 2) / D)`` in float32, then ``/ factor`` (linear RoPE)."""
-    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    inv_freq = np.float32(1.0) / np.power(np.float32(theta), exponents, dtype=np.float32)
+    """HF's ``1 / theta ** (arange(0, D, 2) / D)``, then ``/ factor`` (linear RoPE), as float32.
+
+    HF evaluates the power in float32 with torch's pow, which is not always correctly rounded;
+    we round the float64 result once, so the two can differ by one float32 ulp (6e-8 relative).
+    """
+    exponents = (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)).astype(
+        np.float64
+    )
+    inv_freq = (1.0 / np.power(float(theta), exponents)).astype(np.float32)
     return (inv_freq / np.float32(factor)).astype(np.float32)
 
 
@@ -50,8 +56,14 @@ class _WeightConverter:
         self.tensors = checkpoint.tensors
         self.dtype = dtype
 
-    def lazy(self, hf_name: str, out_name: str, convert: Callable[[np.ndarray], np.ndarray],
-             dtype: ir.DataType, shape: tuple[int, ...]) -> ir.LazyTensor:
+    def lazy(
+        self,
+        hf_name: str,
+        out_name: str,
+        convert: Callable[[np.ndarray], np.ndarray],
+        dtype: ir.DataType,
+        shape: tuple[int, ...],
+    ) -> ir.LazyTensor:
         source = self.tensors[hf_name]
 
         def load() -> ir.Tensor:
@@ -86,18 +98,26 @@ class DecoderGraph:
         self._values: dict[str, ir.Value] = {}
 
     # ---- small helpers -------------------------------------------------------------------
-    def op(self, op_type: str, inputs, name: str, out: str | None = None, domain: str = "",
-           **attributes) -> ir.Value:
+    def op(
+        self,
+        op_type: str,
+        inputs,
+        name: str,
+        out: str | None = None,
+        domain: str = "",
+        **attributes,
+    ) -> ir.Value:
         value = self.tape.op(op_type, inputs, attributes or None, domain=domain, name=name)
         value.name = out or f"{name}/output"
         return value
 
-    def op_multi(self, op_type: str, inputs, name: str, outs: list[str], domain: str = "",
-                 **attributes) -> list[ir.Value]:
+    def op_multi(
+        self, op_type: str, inputs, name: str, outs: list[str], domain: str = "", **attributes
+    ) -> list[ir.Value]:
         values = self.tape.op_multi_out(
             op_type, inputs, attributes or None, num_outputs=len(outs), domain=domain, name=name
         )
-        for value, out in zip(values, outs):
+        for value, out in zip(values, outs, strict=True):
             value.name = out
         return list(values)
 
@@ -179,12 +199,15 @@ class DecoderGraph:
         cfg = self.config
         kv, dim = cfg.num_key_value_heads, cfg.head_dim
         i64 = ir.TensorType(ir.DataType.INT64)
-        input_ids = ir.Value(name="input_ids", type=i64,
-                             shape=ir.Shape(["batch_size", "sequence_length"]))
-        attention_mask = ir.Value(name="attention_mask", type=i64,
-                                  shape=ir.Shape(["batch_size", "total_sequence_length"]))
-        position_ids = ir.Value(name="position_ids", type=i64,
-                                shape=ir.Shape(["batch_size", "sequence_length"]))
+        input_ids = ir.Value(
+            name="input_ids", type=i64, shape=ir.Shape(["batch_size", "sequence_length"])
+        )
+        attention_mask = ir.Value(
+            name="attention_mask", type=i64, shape=ir.Shape(["batch_size", "total_sequence_length"])
+        )
+        position_ids = ir.Value(
+            name="position_ids", type=i64, shape=ir.Shape(["batch_size", "sequence_length"])
+        )
         past = [
             ir.Value(
                 name=f"past_key_values.{i}.{kind}",
@@ -203,8 +226,10 @@ class DecoderGraph:
         hidden 640, bf16: 25.25), as ``Gemma3TextScaledWordEmbedding`` does."""
         table = self.weight("model.embed_tokens.weight", "embed")
         rows = self.op("Gather", [table, input_ids], "model.embed_tokens")  # [B, S, E]
-        scale = self.const("model.embed_tokens.embed_scale",
-                           np.array(self.config.embed_scale, dtype=np.float32).astype(self.np_dtype))
+        scale = self.const(
+            "model.embed_tokens.embed_scale",
+            np.array(self.config.embed_scale, dtype=np.float32).astype(self.np_dtype),
+        )
         return self.op("Mul", [rows, scale], "model.embed_tokens.scale")
 
     def masks(self, attention_mask: ir.Value, input_ids: ir.Value) -> dict[str, ir.Value]:
@@ -215,7 +240,9 @@ class DecoderGraph:
             masks[FULL] = self.fn("CausalMask", [attention_mask, input_ids], "model.causal_mask")
         if SLIDING in present:
             masks[SLIDING] = self.fn(
-                "SlidingWindowMask", [attention_mask, input_ids], "model.sliding_window_mask",
+                "SlidingWindowMask",
+                [attention_mask, input_ids],
+                "model.sliding_window_mask",
                 window=self.config.sliding_window,
             )
         return masks
@@ -230,15 +257,24 @@ class DecoderGraph:
                 f"{prefix}.inv_freq",
                 rope_inv_freq(self.config.head_dim, params.theta, params.factor),
             )
-            tables[layer_type] = tuple(self.op_multi(
-                "RotaryCosSin", [position_ids, inv_freq], prefix,
-                [f"{prefix}.cos", f"{prefix}.sin"], domain=DOMAIN,
-            ))
+            tables[layer_type] = tuple(
+                self.op_multi(
+                    "RotaryCosSin",
+                    [position_ids, inv_freq],
+                    prefix,
+                    [f"{prefix}.cos", f"{prefix}.sin"],
+                    domain=DOMAIN,
+                )
+            )
         return tables
 
     def rms_norm(self, x: ir.Value, module: str) -> ir.Value:
-        return self.fn("RMSNorm", [x, self.weight(f"{module}.weight", "norm")], module,
-                       epsilon=self.config.rms_norm_eps)
+        return self.fn(
+            "RMSNorm",
+            [x, self.weight(f"{module}.weight", "norm")],
+            module,
+            epsilon=self.config.rms_norm_eps,
+        )
 
     def linear(self, x: ir.Value, module: str) -> ir.Value:
         y = self.op("MatMul", [x, self.weight(f"{module}.weight", "linear")], module)
@@ -248,14 +284,21 @@ class DecoderGraph:
 
     def heads(self, x: ir.Value, count: int, name: str) -> ir.Value:
         """[B, S, count * D] -> [B, count, S, D]."""
-        shape = self.const(f"shape.heads_{count}",
-                           np.array([0, 0, count, self.config.head_dim], dtype=np.int64))
+        shape = self.const(
+            f"shape.heads_{count}", np.array([0, 0, count, self.config.head_dim], dtype=np.int64)
+        )
         split = self.op("Reshape", [x, shape], f"{name}.reshape")
         return self.op("Transpose", [split], f"{name}.transpose", perm=[0, 2, 1, 3])
 
-    def decoder_layer(self, i: int, hidden: ir.Value, mask: ir.Value,
-                      cos_sin: tuple[ir.Value, ir.Value], past_key: ir.Value,
-                      past_value: ir.Value) -> tuple[ir.Value, list[ir.Value]]:
+    def decoder_layer(
+        self,
+        i: int,
+        hidden: ir.Value,
+        mask: ir.Value,
+        cos_sin: tuple[ir.Value, ir.Value],
+        past_key: ir.Value,
+        past_value: ir.Value,
+    ) -> tuple[ir.Value, list[ir.Value]]:
         """Sandwich norms: x += post_attn_norm(attn(input_norm(x)));
         x += post_ff_norm(mlp(pre_ff_norm(x)))."""
         p = f"model.layers.{i}"
@@ -272,9 +315,15 @@ class DecoderGraph:
         hidden = self.op("Add", [residual, hidden], f"{p}.mlp_residual", out=f"{p}/output")
         return hidden, present
 
-    def attention(self, i: int, hidden: ir.Value, mask: ir.Value,
-                  cos_sin: tuple[ir.Value, ir.Value], past_key: ir.Value,
-                  past_value: ir.Value) -> tuple[ir.Value, list[ir.Value]]:
+    def attention(
+        self,
+        i: int,
+        hidden: ir.Value,
+        mask: ir.Value,
+        cos_sin: tuple[ir.Value, ir.Value],
+        past_key: ir.Value,
+        past_value: ir.Value,
+    ) -> tuple[ir.Value, list[ir.Value]]:
         cfg = self.config
         p = f"model.layers.{i}.self_attn"
         cos, sin = cos_sin
@@ -287,19 +336,25 @@ class DecoderGraph:
         query = self.fn("RotaryEmbedding", [query, cos, sin], f"{p}.q_rotary")
         key = self.fn("RotaryEmbedding", [key, cos, sin], f"{p}.k_rotary")
         # Every layer keeps full-length KV; the sliding window lives in the mask.
-        present_key = self.op("Concat", [past_key, key], f"{p}.present_key",
-                              out=f"present.{i}.key", axis=2)
-        present_value = self.op("Concat", [past_value, value], f"{p}.present_value",
-                                out=f"present.{i}.value", axis=2)
+        present_key = self.op(
+            "Concat", [past_key, key], f"{p}.present_key", out=f"present.{i}.key", axis=2
+        )
+        present_value = self.op(
+            "Concat", [past_value, value], f"{p}.present_value", out=f"present.{i}.value", axis=2
+        )
         context = self.fn(
-            "GroupQueryAttention", [query, present_key, present_value, mask], f"{p}.attention",
+            "GroupQueryAttention",
+            [query, present_key, present_value, mask],
+            f"{p}.attention",
             scale=cfg.attn_scale,
         )  # [B, S, H * D]
         return self.linear(context, f"{p}.o_proj"), [present_key, present_value]
 
     def mlp(self, hidden: ir.Value, module: str) -> ir.Value:
-        weights = [self.weight(f"{module}.{proj}.weight", "linear")
-                   for proj in ("gate_proj", "up_proj", "down_proj")]
+        weights = [
+            self.weight(f"{module}.{proj}.weight", "linear")
+            for proj in ("gate_proj", "up_proj", "down_proj")
+        ]
         return self.fn("GeluTanhMLP", [hidden, *weights], module)
 
     def lm_head(self, hidden: ir.Value, logits_to_keep: ir.Value) -> ir.Value:
@@ -309,15 +364,33 @@ class DecoderGraph:
         the session hold one copy of the [vocab, hidden] matrix.
         """
         cfg = self.config
-        starts = self.op("Neg", [self.op("Reshape", [logits_to_keep, self.const(
-            "shape.one", np.array([1], dtype=np.int64))], "lm_head.keep_1d")], "lm_head.keep_start")
-        kept = self.op("Slice", [hidden, starts,
-                                 self.const("lm_head.keep_end", np.array([2**62], np.int64)),
-                                 self.const("lm_head.keep_axis", np.array([1], np.int64))],
-                       "lm_head.keep")  # [B, S', E]
+        starts = self.op(
+            "Neg",
+            [
+                self.op(
+                    "Reshape",
+                    [logits_to_keep, self.const("shape.one", np.array([1], dtype=np.int64))],
+                    "lm_head.keep_1d",
+                )
+            ],
+            "lm_head.keep_start",
+        )
+        kept = self.op(
+            "Slice",
+            [
+                hidden,
+                starts,
+                self.const("lm_head.keep_end", np.array([2**62], np.int64)),
+                self.const("lm_head.keep_axis", np.array([1], np.int64)),
+            ],
+            "lm_head.keep",
+        )  # [B, S', E]
         hidden = self.rms_norm(kept, "model.norm")
-        flat = self.op("Reshape", [hidden, self.const(
-            "shape.rows", np.array([-1, cfg.hidden_size], dtype=np.int64))], "lm_head.flatten")
+        flat = self.op(
+            "Reshape",
+            [hidden, self.const("shape.rows", np.array([-1, cfg.hidden_size], dtype=np.int64))],
+            "lm_head.flatten",
+        )
         if cfg.tie_word_embeddings:
             table = self.weight("model.embed_tokens.weight", "embed")
             scores = self.op("Gemm", [flat, table], "lm_head", transB=1)
@@ -327,12 +400,25 @@ class DecoderGraph:
             scores = self.op("Cast", [scores], "lm_head.to_float", to=ir.DataType.FLOAT)
         if cfg.final_logit_softcapping:
             cap = self.const("lm_head.softcap", np.array(cfg.final_logit_softcapping, np.float32))
-            scores = self.op("Mul", [self.op("Tanh", [self.op("Div", [scores, cap],
-                             "lm_head.softcap_div")], "lm_head.softcap_tanh"), cap],
-                             "lm_head.softcap")
+            scores = self.op(
+                "Mul",
+                [
+                    self.op(
+                        "Tanh",
+                        [self.op("Div", [scores, cap], "lm_head.softcap_div")],
+                        "lm_head.softcap_tanh",
+                    ),
+                    cap,
+                ],
+                "lm_head.softcap",
+            )
         batch_seq = self.op("Shape", [kept], "lm_head.batch_seq", start=0, end=2)
-        shape = self.op("Concat", [batch_seq, self.const(
-            "shape.vocab", np.array([cfg.vocab_size], np.int64))], "lm_head.logits_shape", axis=0)
+        shape = self.op(
+            "Concat",
+            [batch_seq, self.const("shape.vocab", np.array([cfg.vocab_size], np.int64))],
+            "lm_head.logits_shape",
+            axis=0,
+        )
         logits = self.op("Reshape", [scores, shape], "lm_head.unflatten", out="logits")
         logits.dtype = ir.DataType.FLOAT
         logits.shape = ir.Shape(["batch_size", "sequence_length", cfg.vocab_size])

@@ -48,7 +48,9 @@ def main(ctx: click.Context, debug: bool) -> None:
     type=click.Path(path_type=str),
     help="A Hugging Face model folder, or a .safetensors file with config.json beside it.",
 )
-@click.option("--output", required=True, type=click.Path(path_type=str), help="Model folder to write.")
+@click.option(
+    "--output", required=True, type=click.Path(path_type=str), help="Model folder to write."
+)
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "fp16", "bf16"]),

@@ -81,8 +81,13 @@ def _randomise_norms(model, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 
 
-def make_causal_lm(folder: Path, seed: int = 0, dtype: str = "float32",
-                   max_shard_size: str | None = None, **overrides):
+def make_causal_lm(
+    folder: Path,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size: str | None = None,
+    **overrides,
+):
     """Saves a tiny Gemma3ForCausalLM to ``folder``; returns it as HF's fp32 eager oracle,
     reloaded from the saved files (so a bf16 checkpoint is judged by its own upcast weights)."""
     import torch
@@ -109,13 +114,22 @@ def make_conditional_generation(folder: Path, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     text = hard_text_config_kwargs(**overrides)
     vision = dict(
-        model_type="siglip_vision_model", hidden_size=32, intermediate_size=48,
-        num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14,
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
     )
-    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                          image_token_index=text["vocab_size"] - 1,
-                          boi_token_index=text["vocab_size"] - 3,
-                          eoi_token_index=text["vocab_size"] - 2)
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=text["vocab_size"] - 1,
+        boi_token_index=text["vocab_size"] - 3,
+        eoi_token_index=text["vocab_size"] - 2,
+    )
     model = Gemma3ForConditionalGeneration(config).eval()
     _randomise_norms(model, seed)
     model.save_pretrained(folder)
@@ -136,7 +150,10 @@ def to_v4_config(text: dict, pattern: int) -> dict:
     text["rope_theta"] = rope[FULL]["rope_theta"]
     text["rope_local_base_freq"] = rope[SLIDING]["rope_theta"]
     if rope[FULL].get("rope_type", "default") != "default":
-        text["rope_scaling"] = {"rope_type": rope[FULL]["rope_type"], "factor": rope[FULL]["factor"]}
+        text["rope_scaling"] = {
+            "rope_type": rope[FULL]["rope_type"],
+            "factor": rope[FULL]["factor"],
+        }
     text["sliding_window_pattern"] = pattern
     text["transformers_version"] = "4.53.0"
     return text
@@ -152,11 +169,13 @@ def rewrite_as_v4_conditional(folder: Path, pattern: int) -> None:
     for name, tensor in weights.items():
         if name == "lm_head.weight":
             continue
-        for new, old in (("language_model.model.", "model.language_model."),
-                         ("vision_tower.", "model.vision_tower."),
-                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+        for new, old in (
+            ("language_model.model.", "model.language_model."),
+            ("vision_tower.", "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+        ):
             if name.startswith(old):
-                name = new + name[len(old):]
+                name = new + name[len(old) :]
         renamed[name] = tensor
     save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())
@@ -196,8 +215,12 @@ def _bf16_sharded(folder):
 
 def _softcap_bias_mqa(folder):
     return make_causal_lm(
-        folder, seed=5, attn_logit_softcapping=3.0, final_logit_softcapping=2.0,
-        attention_bias=True, num_key_value_heads=1,
+        folder,
+        seed=5,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=2.0,
+        attention_bias=True,
+        num_key_value_heads=1,
         layer_types=[FULL, SLIDING, SLIDING, FULL],
     )
 
@@ -257,8 +280,13 @@ def ort_session(model_dir: Path, optimize: bool = False):
     )
 
 
-def contract_feed(session, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                  position_ids: np.ndarray | None = None, past: list[np.ndarray] | None = None):
+def contract_feed(
+    session,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    position_ids: np.ndarray | None = None,
+    past: list[np.ndarray] | None = None,
+):
     """Inputs per the I/O contract; zero-length past on the first step."""
     batch, seq = input_ids.shape
     past_len = 0 if past is None else past[0].shape[2]

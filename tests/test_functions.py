@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, ValueInfoProto, helper
-
 from gemma_onnx.builder.functions import DOMAIN, function_protos
+from onnx import TensorProto, ValueInfoProto, helper
 
 _TYPES = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -20,21 +19,26 @@ _TYPES = {
 
 def run_function(name: str, inputs: dict[str, np.ndarray], outputs: int = 1, **attributes):
     """One node calling our function; ORT with every graph optimization off."""
-    node = helper.make_node(name, list(inputs), [f"out{i}" for i in range(outputs)],
-                            domain=DOMAIN, **attributes)
+    node = helper.make_node(
+        name, list(inputs), [f"out{i}" for i in range(outputs)], domain=DOMAIN, **attributes
+    )
     graph = helper.make_graph(
-        [node], "single",
+        [node],
+        "single",
         [helper.make_tensor_value_info(k, _TYPES[v.dtype], v.shape) for k, v in inputs.items()],
         [ValueInfoProto(name=f"out{i}") for i in range(outputs)],
     )
     model = helper.make_model(
-        graph, ir_version=8, functions=function_protos(),
+        graph,
+        ir_version=8,
+        functions=function_protos(),
         opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)],
     )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(None, inputs)
 
 
@@ -65,8 +69,9 @@ def test_rotary_cos_sin_and_embedding():
     positions = np.array([[0, 1, 2, 7], [3, 4, 5, 6]], dtype=np.int64)
     head_dim = 8
     inv_freq = (1.0 / 50.0 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
-    cos, sin = run_function("RotaryCosSin", {"position_ids": positions, "inv_freq": inv_freq},
-                            outputs=2)
+    cos, sin = run_function(
+        "RotaryCosSin", {"position_ids": positions, "inv_freq": inv_freq}, outputs=2
+    )
     angles = positions[..., None].astype(np.float64) * inv_freq
     emb = np.concatenate([angles, angles], axis=-1)
     np.testing.assert_allclose(cos, np.cos(emb), atol=1e-6)
@@ -115,8 +120,9 @@ def test_group_query_attention_matches_repeat_kv_reference():
     attention_mask = np.ones((batch, total), dtype=np.int64)
     attention_mask[0, :2] = 0
     mask = reference_mask(attention_mask, new, 5)
-    (y,) = run_function("GroupQueryAttention", {"query": q, "key": k, "value": v, "mask": mask},
-                        scale=0.3)
+    (y,) = run_function(
+        "GroupQueryAttention", {"query": q, "key": k, "value": v, "mask": mask}, scale=0.3
+    )
     # HF eager: repeat_kv, scores * scale, additive mask of float32 min, softmax, @ v.
     group = heads // kv_heads
     k_rep, v_rep = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
@@ -135,18 +141,23 @@ def test_group_query_attention_fully_masked_row_is_finite():
     k = rng.normal(size=(1, 1, 2, 4)).astype(np.float32)
     v = rng.normal(size=(1, 1, 2, 4)).astype(np.float32)
     mask = np.array([[[[False, False], [False, True]]]])  # query 0 is padding: sees nothing
-    (y,) = run_function("GroupQueryAttention", {"query": q, "key": k, "value": v, "mask": mask},
-                        scale=0.5)
+    (y,) = run_function(
+        "GroupQueryAttention", {"query": q, "key": k, "value": v, "mask": mask}, scale=0.5
+    )
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y[0, 1], np.tile(v[0, 0, 1], 2), atol=1e-6)
 
 
 def test_gelu_tanh_mlp():
     x = rng.normal(size=(2, 3, 8)).astype(np.float32)
-    gate, up = rng.normal(size=(8, 12)).astype(np.float32), rng.normal(size=(8, 12)).astype(np.float32)
+    gate, up = (
+        rng.normal(size=(8, 12)).astype(np.float32),
+        rng.normal(size=(8, 12)).astype(np.float32),
+    )
     down = rng.normal(size=(12, 8)).astype(np.float32)
-    (y,) = run_function("GeluTanhMLP", {"x": x, "gate_weight": gate, "up_weight": up,
-                                         "down_weight": down})
+    (y,) = run_function(
+        "GeluTanhMLP", {"x": x, "gate_weight": gate, "up_weight": up, "down_weight": down}
+    )
     g = x.astype(np.float64) @ gate
     gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
     np.testing.assert_allclose(y, (gelu * (x @ up)) @ down, rtol=1e-4, atol=1e-4)

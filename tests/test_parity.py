@@ -54,9 +54,12 @@ def test_chunked_cached_decoding_equals_hf_greedy_and_full_recompute(
     new_tokens = 12
     with torch.no_grad():
         expected = oracle.generate(
-            torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
-            max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
-        )[0, ids.shape[1]:].tolist()
+            torch.from_numpy(ids),
+            attention_mask=torch.ones_like(torch.from_numpy(ids)),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            min_new_tokens=new_tokens,
+        )[0, ids.shape[1] :].tolist()
 
     # Prefill in uneven chunks (3, 4, then the rest), then one token at a time.
     past, logits, start = None, None, 0
@@ -76,7 +79,7 @@ def test_chunked_cached_decoding_equals_hf_greedy_and_full_recompute(
     full_ids = np.concatenate([ids, np.array([tokens[:-1]])], axis=1)
     full = session.run(["logits"], contract_feed(session, full_ids))[0]
     cached = np.stack(step_logits, axis=1)
-    assert_close(cached, full[:, ids.shape[1] - 1:], "tiny_fp32_logits")
+    assert_close(cached, full[:, ids.shape[1] - 1 :], "tiny_fp32_logits")
     assert past[0].shape[2] == ids.shape[1] + new_tokens - 1
 
 
@@ -104,7 +107,9 @@ def test_logits_to_keep_returns_the_last_positions(tiny_checkpoints, built_model
         feed = contract_feed(session, ids) | {"logits_to_keep": np.array(keep, dtype=np.int64)}
         kept = session.run(["logits"], feed)[0]
         assert kept.shape == (2, keep, 320)
-        np.testing.assert_array_equal(kept, full[:, -keep:], err_msg=max_diff_report(kept, full[:, -keep:]))
+        np.testing.assert_array_equal(
+            kept, full[:, -keep:], err_msg=max_diff_report(kept, full[:, -keep:])
+        )
 
 
 def test_graph_contract_and_checker(built_models):
@@ -131,7 +136,11 @@ def test_graph_contract_and_checker(built_models):
     assert dims(by_name["present.3.value"]) == ["batch_size", 2, "total_sequence_length", 24]
     # Our functions, in our domain; initializers named by HF module path.
     assert {f.name for f in model.functions} >= {
-        "RMSNorm", "RotaryEmbedding", "GroupQueryAttention", "CausalMask", "SlidingWindowMask"
+        "RMSNorm",
+        "RotaryEmbedding",
+        "GroupQueryAttention",
+        "CausalMask",
+        "SlidingWindowMask",
     }
     assert "model.layers.0.self_attn.q_proj.weight_t" in initializer_names
     assert "model.layers.3.post_feedforward_layernorm.scale" in initializer_names

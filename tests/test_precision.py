@@ -1,0 +1,64 @@
+"""fp16 and bf16 builds: half-precision weights and activations, float32 norms/softmax/RoPE, as in
+HF. Each is held to HF running the same checkpoint at the same precision."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import torch
+from conftest import contract_feed, max_diff_report, ort_session
+
+# Why these bounds: fp16 keeps 11 significant bits, bf16 8, and the two implementations round
+# at different points (fused vs unfused ops), so logits of magnitude ~5 differ by a few ulps.
+FP16_LOGITS = 3e-2
+BF16_LOGITS = 0.25
+
+
+def hf_logits_at(oracle, ids: np.ndarray, dtype) -> np.ndarray:
+    model = oracle.to(dtype)
+    try:
+        with torch.no_grad():
+            return model(torch.from_numpy(ids)).logits.float().numpy()
+    finally:
+        oracle.to(torch.float32)
+
+
+def test_fp16_build_matches_hf_fp16(tiny_checkpoints, built_models):
+    _, oracle = tiny_checkpoints("hard")
+    folder = built_models("hard", "fp16")
+    session = ort_session(folder)
+    assert session.get_inputs()[3].type == "tensor(float16)"
+    assert session.get_outputs()[0].type == "tensor(float)"  # logits stay float32
+    ids = np.random.default_rng(0).integers(3, 320, size=(2, 17))
+    logits = session.run(["logits"], contract_feed(session, ids))[0]
+    expected = hf_logits_at(oracle, ids, torch.float16)
+    diff = np.abs(logits - expected).max()
+    assert diff <= FP16_LOGITS, max_diff_report(logits, expected)
+    assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.97
+
+
+def test_bf16_build_matches_hf_bf16_in_the_onnx_reference_runtime(tiny_checkpoints, built_models):
+    """ORT's CPU provider has no bfloat16 kernels (bf16 is for CUDA), so this runs the graph in
+    onnx's reference evaluator, which implements every standard op."""
+    from onnx.reference import ReferenceEvaluator
+
+    _, oracle = tiny_checkpoints("hard")
+    folder = built_models("hard", "bf16")
+    model = onnx.load(str(folder / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    ids = np.random.default_rng(0).integers(3, 320, size=(2, 17))
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.broadcast_to(np.arange(17), (2, 17)).copy(),
+    }
+    for i in range(4):
+        for kind in ("key", "value"):
+            feed[f"past_key_values.{i}.{kind}"] = np.zeros((2, 2, 0, 24), dtype=ml_dtypes.bfloat16)
+    logits = ReferenceEvaluator(model).run(["logits"], feed)[0]
+    expected = hf_logits_at(oracle, ids, torch.bfloat16)
+    assert logits.dtype == np.float32
+    diff = np.abs(logits - expected).max()
+    assert diff <= BF16_LOGITS, max_diff_report(logits, expected)
+    assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.9

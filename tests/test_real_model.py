@@ -1,0 +1,91 @@
+"""Real Gemma 3 270M (from the PyPI GGUF, via transformers' GGUF loader) built by our builder and
+held to HF transformers fp32: teacher-forced logits and greedy tokens past the 512-token window."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close, contract_feed, max_diff_report, ort_session
+from gemma_onnx.builder import build_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_onnx_dir(real_hf_dir, tmp_path_factory):
+    return build_model(real_hf_dir, tmp_path_factory.mktemp("real_onnx") / "gemma-3-270m")
+
+
+@pytest.fixture(scope="module")
+def hf_model(real_hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        real_hf_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(real_hf_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(real_hf_dir)
+
+
+def long_prompt_ids(tokenizer, length: int) -> np.ndarray:
+    """Natural English prose from the standard library's own docs, cut to ``length`` tokens."""
+    text = "\n\n".join([argparse.__doc__, json.__doc__, np.__doc__ or "", torch.__doc__ or ""] * 3)
+    ids = tokenizer(text, return_tensors="np").input_ids[:, :length]
+    assert ids.shape[1] == length, "the prompt text is too short"
+    return ids.astype(np.int64)
+
+
+def greedy_through_contract(session, ids: np.ndarray, new_tokens: int) -> list[int]:
+    outputs = session.run(None, contract_feed(session, ids))
+    past, tokens = outputs[1:], [int(outputs[0][0, -1].argmax())]
+    for _ in range(new_tokens - 1):
+        outputs = session.run(None, contract_feed(session, np.array([[tokens[-1]]]), past=past))
+        past = outputs[1:]
+        tokens.append(int(outputs[0][0, -1].argmax()))
+    return tokens
+
+
+def test_config_and_single_embedding_copy(real_onnx_dir):
+    import onnx
+
+    model = onnx.load(str(real_onnx_dir / "model.onnx"), load_external_data=False)
+    vocab_sized = [t.name for t in model.graph.initializer if 262144 in t.dims]
+    assert vocab_sized == ["model.embed_tokens.weight"]
+    data_bytes = (real_onnx_dir / "model.onnx_data").stat().st_size
+    assert data_bytes < 268_200_000 * 4, "the tied LM head must not be stored twice"
+
+
+def test_teacher_forced_logits_match_hf(real_onnx_dir, hf_model, tokenizer):
+    ids = long_prompt_ids(tokenizer, 600)
+    session = ort_session(real_onnx_dir, optimize=True)
+    logits = session.run(["logits"], contract_feed(session, ids))[0]
+    with torch.no_grad():
+        expected = hf_model(torch.from_numpy(ids)).logits.numpy()
+    assert_close(logits, expected, "real_fp32_logits")
+    agreement = (logits.argmax(-1) == expected.argmax(-1)).mean()
+    assert agreement == 1.0, f"top-1 agreement {agreement:.4f}; {max_diff_report(logits, expected)}"
+
+
+@pytest.mark.parametrize("length", [12, 700])  # 700 > the 512-token sliding window
+def test_greedy_tokens_match_hf(real_onnx_dir, hf_model, tokenizer, length):
+    ids = long_prompt_ids(tokenizer, length)
+    new_tokens = 32
+    with torch.no_grad():
+        expected = hf_model.generate(
+            torch.from_numpy(ids),
+            attention_mask=torch.ones_like(torch.from_numpy(ids)),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+        )[0, length:].tolist()
+    session = ort_session(real_onnx_dir, optimize=True)
+    assert greedy_through_contract(session, ids, new_tokens) == expected
