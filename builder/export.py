@@ -15,15 +15,15 @@ import tempfile
 from pathlib import Path
 
 import onnx_ir as ir
+
 from gemma_onnx.builder.config import Gemma3Config
 from gemma_onnx.builder.graph import build_graph
 from gemma_onnx.builder.weights import find_safetensors, load_checkpoint
-
 from gemma_onnx.errors import GemmaOnnxError
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"  # the external-data name optimum and transformers.js expect
-TARGETS = ("portable",)
+TARGETS = ("portable", "ort")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -136,7 +136,7 @@ def build_model(
     config = Gemma3Config.from_file(config_path)
     config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")))
     checkpoint = load_checkpoint(weights, config)
-    model = build_graph(config, checkpoint, precision)
+    model = build_graph(config, checkpoint, precision, target)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))

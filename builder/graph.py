@@ -20,10 +20,10 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+
 from gemma_onnx.builder.config import FULL, SLIDING, Gemma3Config
 from gemma_onnx.builder.functions import DOMAIN, function_protos
 from gemma_onnx.builder.weights import Checkpoint
-
 from gemma_onnx.errors import GemmaOnnxError
 
 OPSET = 18  # standard ops only; runs on ONNX Runtime 1.14+ (see README, "Opset")
@@ -50,33 +50,41 @@ def rope_inv_freq(head_dim: int, theta: float, factor: float) -> np.ndarray:
 
 
 class _WeightConverter:
-    """Makes LazyTensors that read one checkpoint tensor, convert it and check it is finite."""
+    """Makes LazyTensors that read checkpoint tensors, convert them and check they are finite."""
 
     def __init__(self, checkpoint: Checkpoint, dtype: np.dtype):
         self.tensors = checkpoint.tensors
         self.dtype = dtype
 
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[hf_name].shape.numpy())
+
+    def read(self, hf_name: str) -> np.ndarray:
+        """One tensor as a float32 copy; the memory map is released before returning."""
+        source = self.tensors[hf_name]
+        raw = source.numpy()
+        if not np.isfinite(raw).all():
+            raise GemmaOnnxError(f"tensor {hf_name!r} contains NaN or infinite values")
+        array = raw.astype(np.float32)  # exact for bf16/fp16 sources; a copy, never a view
+        del raw
+        source.release()
+        return array
+
     def lazy(
         self,
-        hf_name: str,
+        hf_names: tuple[str, ...],
         out_name: str,
-        convert: Callable[[np.ndarray], np.ndarray],
+        convert: Callable[[list[np.ndarray]], np.ndarray],
         dtype: ir.DataType,
         shape: tuple[int, ...],
     ) -> ir.LazyTensor:
-        source = self.tensors[hf_name]
+        """A tensor computed from ``hf_names`` (float32) only when the model is written."""
 
         def load() -> ir.Tensor:
-            raw = source.numpy()
-            if not np.isfinite(raw).all():
-                raise GemmaOnnxError(f"tensor {hf_name!r} contains NaN or infinite values")
-            # astype copies, so the memory map can be released before the next tensor.
-            array = np.ascontiguousarray(convert(raw))
-            del raw
-            source.release()
-            if not np.isfinite(array).all():
+            array = np.ascontiguousarray(convert([self.read(name) for name in hf_names]))
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise GemmaOnnxError(
-                    f"tensor {hf_name!r} overflows {array.dtype}; build with fp32 or bf16"
+                    f"tensor {hf_names[0]!r} overflows {array.dtype}; build with fp32 or bf16"
                 )
             return ir.Tensor(array, name=out_name)
 
@@ -133,28 +141,28 @@ class DecoderGraph:
         """An initializer from a checkpoint tensor. kind: 'embed', 'linear', 'bias' or 'norm'."""
         if hf_name in self._values:
             return self._values[hf_name]
-        shape = tuple(self.weights.tensors[hf_name].shape.numpy())
+        shape = self.weights.shape(hf_name)
         np_dtype, ir_dtype = self.np_dtype, self.ir_dtype
         if kind == "linear":  # HF [out, in] -> [in, out], so the projection is x @ W
             out_name, out_shape = hf_name.removesuffix(".weight") + ".weight_t", shape[::-1]
 
             def convert(a):
-                return a.T.astype(np_dtype)
+                return a[0].T.astype(np_dtype)
 
         elif kind == "norm":  # Gemma3RMSNorm: (1.0 + weight.float()), in float32
             out_name, out_shape = hf_name.removesuffix(".weight") + ".scale", shape
             ir_dtype = ir.DataType.FLOAT
 
             def convert(a):
-                return a.astype(np.float32) + np.float32(1.0)
+                return a[0] + np.float32(1.0)
 
         else:
             out_name, out_shape = hf_name, shape
 
             def convert(a):
-                return a.astype(np_dtype)
+                return a[0].astype(np_dtype)
 
-        lazy = self.weights.lazy(hf_name, out_name, convert, ir_dtype, out_shape)
+        lazy = self.weights.lazy((hf_name,), out_name, convert, ir_dtype, out_shape)
         value = self.tape.initializer(lazy, name=out_name)
         self._values[hf_name] = value
         return value
@@ -175,13 +183,25 @@ class DecoderGraph:
             )
             presents += present
         logits = self.lm_head(hidden, logits_to_keep)
+        return self.assemble(
+            [input_ids, attention_mask, position_ids, *past, logits_to_keep], [logits, *presents]
+        )
 
+    def assemble(
+        self, inputs: list[ir.Value], outputs: list[ir.Value], extra_opsets: dict | None = None
+    ) -> ir.Model:
+        cfg = self.config
+        for value in outputs[1:]:  # present.{i}.key / .value
+            value.dtype = self.ir_dtype
+            value.shape = ir.Shape(
+                ["batch_size", cfg.num_key_value_heads, self.present_sequence_dim(), cfg.head_dim]
+            )
         graph = ir.Graph(
-            inputs=[input_ids, attention_mask, position_ids, *past, logits_to_keep],
-            outputs=[logits, *presents],
+            inputs=inputs,
+            outputs=outputs,
             nodes=self.tape.nodes,
             initializers=self.tape.initializers,
-            opset_imports={"": OPSET, DOMAIN: 1},
+            opset_imports={"": OPSET, DOMAIN: 1, **(extra_opsets or {})},
             name="gemma3_text_decoder",
         )
         model = ir.Model(
@@ -194,6 +214,12 @@ class DecoderGraph:
             function = ir.serde.deserialize_function(proto)
             model.functions[function.identifier()] = function
         return model
+
+    def past_sequence_dim(self) -> str:
+        return "past_sequence_length"
+
+    def present_sequence_dim(self) -> str:
+        return "total_sequence_length"
 
     def graph_inputs(self) -> tuple[list[ir.Value], list[ir.Value]]:
         cfg = self.config
@@ -212,14 +238,17 @@ class DecoderGraph:
             ir.Value(
                 name=f"past_key_values.{i}.{kind}",
                 type=ir.TensorType(self.ir_dtype),
-                shape=ir.Shape(["batch_size", kv, "past_sequence_length", dim]),
+                shape=ir.Shape(["batch_size", kv, self.past_sequence_dim(), dim]),
             )
             for i in range(cfg.num_hidden_layers)
             for kind in ("key", "value")
         ]
-        # Overridable initializer: an input with a default, so clients may leave it out.
-        logits_to_keep = self.const("logits_to_keep", np.array(0, dtype=np.int64))
-        return [input_ids, attention_mask, position_ids, logits_to_keep], past
+        return [input_ids, attention_mask, position_ids, self.logits_to_keep_input()], past
+
+    def logits_to_keep_input(self) -> ir.Value:
+        """An overridable initializer: an input with a default (0 = all positions), so clients
+        may leave it out. ORT's IO binding cannot bind such inputs; session.run can."""
+        return self.const("logits_to_keep", np.array(0, dtype=np.int64))
 
     def embed(self, input_ids: ir.Value) -> ir.Value:
         """Gather, then scale by sqrt(hidden_size) cast to the compute dtype (fp32: 25.2982 for
@@ -357,7 +386,9 @@ class DecoderGraph:
         ]
         return self.fn("GeluTanhMLP", [hidden, *weights], module)
 
-    def lm_head(self, hidden: ir.Value, logits_to_keep: ir.Value) -> ir.Value:
+    def lm_head(
+        self, hidden: ir.Value, logits_to_keep: ir.Value, final_norm: bool = True
+    ) -> ir.Value:
         """Final norm and LM head over the last ``logits_to_keep`` positions (0 = all).
 
         The tied head reuses the embedding initializer through Gemm(transB=1), so the file and
@@ -385,7 +416,7 @@ class DecoderGraph:
             ],
             "lm_head.keep",
         )  # [B, S', E]
-        hidden = self.rms_norm(kept, "model.norm")
+        hidden = self.rms_norm(kept, "model.norm") if final_norm else kept
         flat = self.op(
             "Reshape",
             [hidden, self.const("shape.rows", np.array([-1, cfg.hidden_size], dtype=np.int64))],
@@ -424,18 +455,13 @@ class DecoderGraph:
         logits.shape = ir.Shape(["batch_size", "sequence_length", cfg.vocab_size])
         return logits
 
-    def annotate_outputs(self, presents: list[ir.Value]) -> None:
-        cfg = self.config
-        for value in presents:
-            value.dtype = self.ir_dtype
-            value.shape = ir.Shape(
-                ["batch_size", cfg.num_key_value_heads, "total_sequence_length", cfg.head_dim]
-            )
 
-
-def build_graph(config: Gemma3Config, checkpoint: Checkpoint, precision: str = "fp32") -> ir.Model:
+def build_graph(
+    config: Gemma3Config, checkpoint: Checkpoint, precision: str = "fp32", target: str = "portable"
+) -> ir.Model:
     """The decoder as an in-memory ONNX model whose weights load lazily at save time."""
-    builder = DecoderGraph(config, checkpoint, precision)
-    model = builder.build()
-    builder.annotate_outputs(list(model.graph.outputs[1:]))
-    return model
+    if target == "ort":
+        from gemma_onnx.builder.graph_ort import OrtDecoderGraph
+
+        return OrtDecoderGraph(config, checkpoint, precision).build()
+    return DecoderGraph(config, checkpoint, precision).build()

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
-from gemma_onnx.builder.config import Gemma3Config
 from safetensors import SafetensorError, safe_open
 
+from gemma_onnx.builder.config import Gemma3Config
 from gemma_onnx.errors import GemmaOnnxError
 
 SUPPORTED_DTYPES = {

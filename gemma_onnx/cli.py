@@ -60,10 +60,11 @@ def main(ctx: click.Context, debug: bool) -> None:
 )
 @click.option(
     "--target",
-    type=click.Choice(["portable"]),
+    type=click.Choice(["portable", "ort"]),
     default="portable",
     show_default=True,
-    help="portable: standard ONNX ops and the optimum/transformers.js I/O contract.",
+    help="portable: standard ONNX ops and the optimum/transformers.js I/O contract. "
+    "ort: ONNX Runtime's fused kernels and shared KV buffers, for gemma-onnx generate.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 def build(weights: str, output: str, precision: str, target: str, overwrite: bool) -> None:
@@ -75,6 +76,14 @@ def build(weights: str, output: str, precision: str, target: str, overwrite: boo
     )
     click.echo(f"wrote {result}")
 
+
+def _register_generate() -> None:
+    from gemma_onnx.cli_generate import generate
+
+    main.add_command(generate)
+
+
+_register_generate()
 
 if __name__ == "__main__":
     main()

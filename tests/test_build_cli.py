@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from gemma_onnx.builder import build_model
 from safetensors.numpy import load_file, save_file
 
+from gemma_onnx.builder import build_model
 from gemma_onnx.cli import main
 from gemma_onnx.errors import GemmaOnnxError
 

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+
 from conftest import FULL, SLIDING, hard_text_config_kwargs, to_v4_config
 from gemma_onnx.builder.config import Gemma3Config, RopeParams
 from gemma_onnx.builder.graph import rope_inv_freq
-
 from gemma_onnx.errors import GemmaOnnxError
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from gemma_onnx.builder.functions import DOMAIN, function_protos
 from onnx import TensorProto, ValueInfoProto, helper
+
+from gemma_onnx.builder.functions import DOMAIN, function_protos
 
 _TYPES = {
     np.dtype(np.float32): TensorProto.FLOAT,

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from conftest import (
     CHECKPOINTS,
     assert_close,

@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import torch
+
 from conftest import contract_feed, max_diff_report, ort_session
 
 # Why these bounds: fp16 keeps 11 significant bits, bf16 8, and the two implementations round

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from conftest import assert_close, contract_feed, max_diff_report, ort_session
 from gemma_onnx.builder import build_model
 

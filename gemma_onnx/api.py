@@ -1,0 +1,281 @@
+"""The Python API: load a model folder once, then generate text (or token ids) from prompts.
+
+    from gemma_onnx.api import Gemma
+
+    gemma = Gemma("gemma-3-270m-onnx")
+    print(gemma.generate("The capital of France is", max_new_tokens=20).text)
+    for piece in gemma.stream("Write a haiku about rain.", chat=True, temperature=0.7, seed=1):
+        print(piece, end="", flush=True)
+
+Everything the CLI offers is a keyword argument here; the CLI is a thin layer over this class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gemma_onnx.errors import GemmaOnnxError
+from gemma_onnx.runtime.generate import GenerationStats, fit_context
+from gemma_onnx.runtime.generate import generate as generate_ids
+from gemma_onnx.runtime.sampling import Sampler, SamplingConfig
+from gemma_onnx.runtime.session import RunState, Session
+from gemma_onnx.runtime.text import StreamDecoder, TextTokenizer
+
+Prompt = str | Sequence[int]  # text, or token ids used as they are (no BOS added)
+_ALLOCATION_STEP = 256  # grow the KV buffers in whole steps, so similar requests reuse them
+
+
+@dataclass
+class Completion:
+    """One prompt's result."""
+
+    token_ids: list[int]  # new tokens; ends with the eos token when that ended the row
+    text: str | None  # the new text, exactly as streamed (None when there is no tokenizer)
+    finish_reason: str  # "eos", "stop" (a stop string) or "length" (max_new_tokens)
+    prompt_tokens: int  # after chat templating and truncation
+    stats: GenerationStats = field(repr=False, default_factory=GenerationStats)  # whole batch's
+
+
+class Stream:
+    """Iterates over the text of one generation as it is made; ``completion`` is set at the end.
+
+    Concatenated, the pieces equal ``completion.text``.
+    """
+
+    def __init__(self, pieces: Iterator[tuple[int, str]], completions: list[Completion]) -> None:
+        self._pieces = pieces
+        self._completions = completions
+
+    def __iter__(self) -> Iterator[str]:
+        for _, piece in self._pieces:
+            yield piece
+
+    @property
+    def completion(self) -> Completion:
+        if not self._completions:
+            raise GemmaOnnxError("the stream has not finished yet; iterate over it first")
+        return self._completions[0]
+
+
+class Gemma:
+    """A gemma-onnx model folder on ONNX Runtime.
+
+    ``max_length`` caps prompt + new tokens and sizes the KV buffers once; without it the
+    buffers are sized (and grown, in steps of 256) to what each request needs, up to the model's
+    max_position_embeddings.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        if max_length is not None and max_length < 2:
+            raise GemmaOnnxError(f"max_length (--max-length) must be >= 2, got {max_length}")
+        self.session = Session(model_dir, provider=provider, threads=threads)
+        self.tokenizer = TextTokenizer.from_folder(model_dir)
+        self.spec = self.session.spec
+        self.max_length = max_length
+        self._state: RunState | None = None
+
+    @property
+    def context_limit(self) -> int:
+        """Most positions (prompt + new tokens) one row may use."""
+        limit = self.spec.max_position_embeddings
+        return limit if self.max_length is None else min(limit, self.max_length)
+
+    def generate(
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        chat: bool = False,
+        truncate: bool = False,
+    ) -> Completion | list[Completion]:
+        """Generate for one prompt (-> Completion) or a batch (a list -> list of Completions).
+
+        A prompt is text or a list of token ids. A batch runs in one left-padded session; each
+        row gives the tokens it would alone and finishes on its own. Greedy when temperature is
+        0; ``seed`` makes sampling repeat; ``stop`` strings end a row (the text stops before
+        them); ``chat`` wraps text prompts in the folder's chat template; ``truncate`` keeps the
+        end of a prompt too long for the context instead of refusing it.
+        """
+        single, prompts = _as_batch(prompt)
+        completions: list[Completion] = []
+        options = dict(
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed),
+            stop=stop,
+            ignore_eos=ignore_eos,
+            chat=chat,
+            truncate=truncate,
+        )
+        for _ in self._run(prompts, completions, **options):
+            pass
+        return completions[0] if single else completions
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        chat: bool = False,
+        truncate: bool = False,
+    ) -> Stream:
+        """Like :meth:`generate` for one text prompt, yielding text as the tokens are made."""
+        single, prompts = _as_batch(prompt)
+        if not single:
+            raise GemmaOnnxError("stream() takes one prompt; use generate() for a batch")
+        self._require_tokenizer("stream()")
+        completions: list[Completion] = []
+        pieces = self._run(
+            prompts,
+            completions,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed),
+            stop=stop,
+            ignore_eos=ignore_eos,
+            chat=chat,
+            truncate=truncate,
+        )
+        return Stream(pieces, completions)
+
+    def _run(
+        self,
+        prompts: list[Prompt],
+        completions: list[Completion],
+        *,
+        max_new_tokens: int,
+        sampling: SamplingConfig,
+        stop: Sequence[str],
+        ignore_eos: bool,
+        chat: bool,
+        truncate: bool,
+    ) -> Iterator[tuple[int, str]]:
+        """Yield (row, text piece) as tokens are made; fill ``completions`` when all rows end."""
+        if stop:
+            self._require_tokenizer("stop strings")
+        ids = fit_context(
+            [self._encode(p, chat, row) for row, p in enumerate(prompts)],
+            max_new_tokens,
+            self.context_limit,
+            truncate=truncate,
+            bos_token_id=self.spec.bos_token_id,
+        )
+        state = self._state_for(len(ids), max(map(len, ids)) + max_new_tokens)
+        decoders = [StreamDecoder(self.tokenizer, stop) for _ in ids] if self.tokenizer else None
+        outputs: list[list[int]] = [[] for _ in ids]
+        stats = GenerationStats()
+        steps = generate_ids(
+            self.session,
+            state,
+            Sampler(sampling),
+            ids,
+            max_new_tokens,
+            eos_token_ids=self.spec.eos_token_ids,
+            ignore_eos=ignore_eos,
+            should_stop=(lambda row, token: decoders[row].push(token)) if decoders else None,
+            stats=stats,
+        )
+        for new in steps:
+            for row in np.flatnonzero(new >= 0):
+                outputs[row].append(int(new[row]))
+                if decoders:
+                    piece = decoders[row].take()
+                    if piece:
+                        yield int(row), piece
+        eos = set(self.spec.eos_token_ids)
+        for row, tokens in enumerate(outputs):
+            text = None
+            if decoders:
+                decoders[row].finish()
+                piece = decoders[row].take()
+                if piece:
+                    yield row, piece
+                text = decoders[row].text
+            if decoders and decoders[row].stopped:
+                reason = "stop"
+            elif not ignore_eos and tokens[-1] in eos:
+                reason = "eos"
+            else:
+                reason = "length"
+            completions.append(Completion(tokens, text, reason, len(ids[row]), stats))
+
+    def _encode(self, prompt: Prompt, chat: bool, row: int) -> list[int]:
+        if isinstance(prompt, str):
+            tokenizer = self._require_tokenizer("text prompts")
+            return tokenizer.encode_chat(prompt) if chat else tokenizer.encode(prompt)
+        if chat:
+            raise GemmaOnnxError("chat needs a text prompt, not token ids")
+        ids = list(prompt)
+        vocab = self.spec.vocab_size
+        for position, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+                raise GemmaOnnxError(
+                    f"prompt {row}: token {token!r} at position {position} is not an integer id"
+                )
+            if not 0 <= token < vocab:
+                raise GemmaOnnxError(
+                    f"prompt {row}: token id {token} at position {position} is outside the "
+                    f"vocabulary [0, {vocab})"
+                )
+        return [int(t) for t in ids]
+
+    def _require_tokenizer(self, what: str) -> TextTokenizer:
+        if self.tokenizer is None:
+            raise GemmaOnnxError(
+                f"{what} need a tokenizer, and {self.session.model_dir} has no tokenizer.json; "
+                "pass token ids instead"
+            )
+        return self.tokenizer
+
+    def _state_for(self, rows: int, length: int) -> RunState:
+        """The RunState, allocated anew only when this request needs more rows or positions."""
+        state = self._state
+        if state is not None and state.batch >= rows and state.max_length >= length:
+            return state
+        if self.max_length is not None:
+            length = self.context_limit
+        else:
+            steps = -(-length // _ALLOCATION_STEP)
+            length = min(steps * _ALLOCATION_STEP, self.spec.max_position_embeddings)
+            if state is not None:
+                length = max(length, state.max_length)
+        rows = max(rows, state.batch if state is not None else 0)
+        self._state = None  # release the old buffers before allocating the new ones
+        self._state = self.session.allocate(rows, length)
+        return self._state
+
+
+def _as_batch(prompt: Prompt | Sequence[Prompt]) -> tuple[bool, list[Prompt]]:
+    """(is a single prompt, prompts): text or a flat id list is one prompt, a list is a batch."""
+    if isinstance(prompt, str):
+        return True, [prompt]
+    items = list(prompt)
+    if not items:
+        raise GemmaOnnxError("no prompt given")
+    if all(isinstance(p, (int, np.integer)) for p in items):
+        return True, [items]
+    return False, items

@@ -1,0 +1,166 @@
+"""The generation loop on token ids, named by phase: prefill(), decode_one_token(), generate().
+
+Text never enters here (tokenization lives at the edges, the CLI and the API): stop strings reach
+the loop as a ``should_stop(row, token)`` hook that the caller implements on its detokenizer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gemma_onnx.errors import GemmaOnnxError
+from gemma_onnx.runtime.sampling import Sampler
+from gemma_onnx.runtime.session import RunState, Session
+
+
+@dataclass
+class GenerationStats:
+    """Timings of one generate() call, filled in as it runs."""
+
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens over all rows
+    new_tokens: int = 0  # tokens produced over all rows, eos included
+    prefill_seconds: float = 0.0  # prompt forward + first sample: the time to first token
+    decode_seconds: float = 0.0  # every later step
+    decode_steps: int = 0  # decode_one_token() calls; each makes one token per live row
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Decode steps per second: a row's tokens after its first (which prefill makes)."""
+        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def fit_context(
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    limit: int,
+    truncate: bool = False,
+    bos_token_id: int | None = None,
+) -> list[list[int]]:
+    """Check prompt + max_new_tokens against the context ``limit`` (the smaller of
+    max_position_embeddings and the allocated max length); with ``truncate``, keep the end of a
+    prompt that is too long (and its leading BOS, which Gemma needs), else refuse."""
+    if max_new_tokens < 1:
+        raise GemmaOnnxError(
+            f"max_new_tokens (--max-new-tokens) must be >= 1, got {max_new_tokens}"
+        )
+    if max_new_tokens >= limit:
+        raise GemmaOnnxError(
+            f"max_new_tokens (--max-new-tokens) {max_new_tokens} leaves no room for the prompt "
+            f"in the context limit of {limit} tokens"
+        )
+    room = limit - max_new_tokens
+    fitted = []
+    for row, prompt in enumerate(prompts):
+        prompt = list(prompt)
+        if not prompt:
+            raise GemmaOnnxError(f"prompt {row} is empty; generation needs at least one token")
+        if len(prompt) > room:
+            if not truncate:
+                raise GemmaOnnxError(
+                    f"prompt {row} has {len(prompt)} tokens; with max_new_tokens {max_new_tokens} "
+                    f"that exceeds the context limit of {limit} tokens. Shorten it, lower "
+                    "--max-new-tokens, raise --max-length or pass --truncate"
+                )
+            keep_bos = bos_token_id is not None and prompt[0] == bos_token_id and room > 1
+            prompt = prompt[:1] + prompt[len(prompt) - room + 1 :] if keep_bos else prompt[-room:]
+        fitted.append(prompt)
+    return fitted
+
+
+def prefill(
+    session: Session, state: RunState, sampler: Sampler, prompts: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """Run every prompt token in one step, left-padded to the longest prompt, and pick each row's
+    first new token: [rows] int64.
+
+    Left padding keeps every row's last token in the last column, so one ``logits_to_keep=1``
+    step serves them all; position ids count real tokens only (HF generate: cumsum(mask) - 1).
+    """
+    rows, seq = len(prompts), max(len(p) for p in prompts)
+    state.start(rows)
+    ids = state.input_ids[: rows * seq].reshape(rows, seq)  # [rows, seq]
+    ids.fill(session.spec.pad_token_id)
+    mask = state.mask[:rows, :seq]  # [rows, seq]
+    for row, prompt in enumerate(prompts):
+        ids[row, seq - len(prompt) :] = prompt
+        mask[row, seq - len(prompt) :] = 1
+        state.seen[row, prompt] = True
+    positions = state.position_ids[: rows * seq].reshape(rows, seq)  # [rows, seq]
+    np.cumsum(mask, axis=1, out=positions)
+    positions -= 1
+    np.maximum(positions, 0, out=positions)  # pads get 0; the mask hides them anyway
+    state.next_position[:rows] = positions[:, -1] + 1
+    logits = session.forward(state, rows, seq)  # [rows, V]
+    return _pick(sampler, state, logits)
+
+
+def decode_one_token(
+    session: Session, state: RunState, sampler: Sampler, tokens: np.ndarray
+) -> np.ndarray:
+    """Feed one token per row ([rows] int64) and pick the next one: [rows] int64."""
+    rows = len(tokens)
+    state.input_ids[:rows] = tokens  # as [rows, 1]
+    state.position_ids[:rows] = state.next_position[:rows]
+    state.mask[:rows, state.past_length] = 1
+    logits = session.forward(state, rows, 1)  # [rows, V]
+    state.next_position[:rows] += 1
+    return _pick(sampler, state, logits)
+
+
+def _pick(sampler: Sampler, state: RunState, logits: np.ndarray) -> np.ndarray:
+    rows = len(logits)
+    tokens = sampler(logits, state.seen[:rows])  # [rows]
+    state.seen[np.arange(rows), tokens] = True
+    return tokens
+
+
+def generate(
+    session: Session,
+    state: RunState,
+    sampler: Sampler,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_ids: Iterable[int] = (),
+    ignore_eos: bool = False,
+    should_stop: Callable[[int, int], bool] | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield each step's new tokens, [rows] int64, with -1 for rows that already finished.
+
+    A row finishes on any id in ``eos_token_ids`` (unless ``ignore_eos``; the eos token itself
+    is yielded), when ``should_stop(row, token)`` says so, or after ``max_new_tokens``. Rows
+    finish independently; finished rows feed the pad token until the last row is done.
+    Prompts must already fit (see :func:`fit_context`) the state's max_length.
+    """
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens += sum(len(p) for p in prompts)
+    rows = len(prompts)
+    eos = np.fromiter(() if ignore_eos else eos_token_ids, np.int64)
+    done = np.zeros(rows, bool)
+    start = time.perf_counter()
+    tokens = prefill(session, state, sampler, prompts)
+    stats.prefill_seconds += time.perf_counter() - start
+    for step in range(max_new_tokens):
+        if step:
+            start = time.perf_counter()
+            feed = np.where(done, session.spec.pad_token_id, tokens)  # [rows]
+            tokens = decode_one_token(session, state, sampler, feed)
+            stats.decode_seconds += time.perf_counter() - start
+            stats.decode_steps += 1
+        new = np.where(done, -1, tokens)  # [rows]
+        stats.new_tokens += int((~done).sum())
+        done |= np.isin(tokens, eos)
+        if should_stop is not None:
+            for row in np.flatnonzero(new >= 0):
+                done[row] |= should_stop(int(row), int(new[row]))
+        yield new
+        if done.all():
+            return

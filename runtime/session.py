@@ -1,0 +1,343 @@
+"""One ONNX Runtime session over a gemma-onnx model folder, fed through IO binding.
+
+The folder is the contract with the builder (this module never imports it): ``model.onnx`` with
+the portable I/O names, HF's ``config.json`` and ``generation_config.json``. Every buffer a
+generation touches is allocated once, in :class:`RunState`, for the largest batch and length it
+will hold; each step binds packed views of those buffers by pointer, so decoding allocates
+nothing that grows with the sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from gemma_onnx.errors import GemmaOnnxError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+# ONNX TensorProto element types, as IOBinding takes them (ints work for bfloat16 too).
+_INT64 = 7
+_FLOAT32 = 1
+_KV_TYPES = {  # graph input type -> (numpy dtype of host buffers, ONNX element type)
+    "tensor(float)": (np.dtype(np.float32), _FLOAT32),
+    "tensor(float16)": (np.dtype(np.float16), 10),
+    "tensor(bfloat16)": (np.dtype(ml_dtypes.bfloat16), 16),
+}
+_MAX_POSITIONS_DEFAULT = 131_072  # HF Gemma3TextConfig's default when config.json omits it
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The numbers the runtime needs, read from config.json and generation_config.json."""
+
+    num_layers: int  # decoder layers: one past/present key and value each
+    num_kv_heads: int  # KV heads (dim 1 of every past/present tensor)
+    head_dim: int  # dim 3 of every past/present tensor
+    vocab_size: int  # last dim of logits; token ids must lie in [0, vocab_size)
+    max_position_embeddings: int  # longest context (prompt + new tokens) the model supports
+    eos_token_ids: tuple[int, ...]  # every id that ends a row (Gemma 3 -it: 1 and 106)
+    bos_token_id: int | None  # kept at the front when a prompt is truncated
+    pad_token_id: int  # fed at left-padded positions and for rows already finished
+
+    @classmethod
+    def from_folder(cls, model_dir: Path) -> ModelSpec:
+        config_path = model_dir / "config.json"
+        raw = _read_json(config_path, required=True)
+        # Gemma3ForConditionalGeneration keeps the decoder's fields in text_config.
+        text = raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw
+        generation = _read_json(model_dir / "generation_config.json", required=False)
+
+        def number(name: str, default: int | None = None) -> int:
+            value = text.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise GemmaOnnxError(f"{config_path}: field {name!r} must be a positive integer")
+            return value
+
+        def token(name: str) -> Any:
+            for source in (generation, text, raw):
+                if source.get(name) is not None:
+                    return source[name]
+            return None
+
+        heads = number("num_attention_heads")
+        eos = token("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            num_layers=number("num_hidden_layers"),
+            num_kv_heads=number("num_key_value_heads"),
+            head_dim=number("head_dim", text.get("hidden_size", 0) // heads),
+            vocab_size=number("vocab_size"),
+            max_position_embeddings=number("max_position_embeddings", _MAX_POSITIONS_DEFAULT),
+            eos_token_ids=tuple(int(i) for i in eos_ids),
+            bos_token_id=token("bos_token_id"),
+            pad_token_id=token("pad_token_id") or 0,
+        )
+
+
+def _read_json(path: Path, required: bool) -> dict:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if required:
+            raise GemmaOnnxError(f"{path} not found; is this a gemma-onnx model folder?") from None
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GemmaOnnxError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise GemmaOnnxError(f"{path}: expected a JSON object")
+    return raw
+
+
+class DeviceBuffer:
+    """One flat buffer, bound by pointer under any packed shape that fits in it.
+
+    ``memory`` owns it: numpy on the CPU; on CUDA an OrtValue in device memory (device 0),
+    which never comes back to the host.
+    """
+
+    def __init__(self, size: int, dtype: np.dtype, onnx_type: int, device: str) -> None:
+        self.size = size
+        self.onnx_type = onnx_type
+        self.device = device
+        self.memory: np.ndarray | ort.OrtValue
+        if device == "cpu":
+            # np.zeros maps untouched pages lazily: a long max_length costs memory as it fills.
+            self.memory = np.zeros(size, dtype)
+            self.ptr = self.memory.ctypes.data
+        else:
+            self.memory = ort.OrtValue.ortvalue_from_shape_and_type([size], onnx_type, device, 0)
+            self.ptr = self.memory.data_ptr()
+
+    def _check(self, shape: tuple[int, ...]) -> list[int]:
+        if int(np.prod(shape)) > self.size:
+            raise ValueError(f"shape {shape} does not fit a buffer of {self.size} elements")
+        return list(shape)
+
+    def bind_input(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...]) -> None:
+        binding.bind_input(name, self.device, 0, self.onnx_type, self._check(shape), self.ptr)
+
+    def bind_output(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...]) -> None:
+        binding.bind_output(name, self.device, 0, self.onnx_type, self._check(shape), self.ptr)
+
+
+@dataclass
+class RunState:
+    """Every run-time buffer, allocated once by :meth:`Session.allocate` (cf. llama2.c's RunState).
+
+    ``batch`` and ``max_length`` are the capacity; a generation may use fewer rows and positions,
+    binding packed views of the first elements. Lifetime of every buffer: the RunState's, reused
+    across generations. Shapes use B = batch, T = max_length, H = num_kv_heads, D = head_dim,
+    V = vocab_size.
+    """
+
+    batch: int  # rows the buffers hold
+    max_length: int  # positions (prompt + new tokens) the KV buffers hold
+    binding: ort.IOBinding  # rebound every step (shapes change), never re-created
+    # KV cache, ping-pong, one entry per graph past input (layer-major, key then value).
+    # Each buffer is flat [B*H*T*D] in the graph's float type (on CUDA: device memory).
+    # `past[i]` is read as packed [rows, H, past_length, D]; the graph writes
+    # present = concat(past, new) as packed [rows, H, past_length + seq, D] into `present[i]`;
+    # then the lists swap. Present must not alias past, hence two buffers per tensor.
+    past: list[DeviceBuffer]
+    present: list[DeviceBuffer]
+    # Logits of each row's last position: flat [B*V] float32 on the host, bound as [rows, 1, V]
+    # (on CUDA, ORT copies just these rows back). The sampler overwrites it in place.
+    logits: np.ndarray
+    # Token inputs, host, flat [B*T] int64: prefill uses [rows, seq], decode [rows, 1].
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    # Attention mask, host [B, T] int64: 1 where row b holds a real token at position t
+    # (0 on left padding). `mask_packed`, flat [B*T], holds the [rows, past_length + seq] copy
+    # the graph reads each step.
+    mask: np.ndarray
+    mask_packed: np.ndarray
+    # 0-d int64 = 1: ask the graph for the last position's logits only (the optional input).
+    logits_to_keep: np.ndarray
+    # Per row: the position id of the next token, [B] int64 (rows differ under left padding).
+    next_position: np.ndarray
+    # Per row: tokens in the prompt + output so far, [B, V] bool (the repetition penalty's set).
+    seen: np.ndarray
+    # Positions already in the KV cache (the same for every row: padding is on the left).
+    past_length: int = 0
+
+    def start(self, rows: int) -> None:
+        """Forget the previous generation; the buffers stay."""
+        self.past_length = 0
+        self.mask[:rows] = 0
+        self.seen[:rows] = False
+
+
+class Session:
+    """An InferenceSession over ``model_dir/model.onnx`` plus what is needed to feed it."""
+
+    def __init__(self, model_dir: str | Path, provider: str = "cpu", threads: int | None = None):
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise GemmaOnnxError(f"model folder {self.model_dir} does not exist")
+        self.spec = ModelSpec.from_folder(self.model_dir)
+        self.device = "cuda" if provider == "cuda" else "cpu"
+        self.session = _open_session(self.model_dir / "model.onnx", provider, threads)
+        self.kv_names, kv_type = self._check_io()
+        self.kv_dtype, self.kv_onnx_type = _KV_TYPES[kv_type]
+        optional = self.session.get_overridable_initializers() + self.session.get_inputs()
+        self.has_logits_to_keep = any(i.name == "logits_to_keep" for i in optional)
+
+    def _check_io(self) -> tuple[list[tuple[str, str]], str]:
+        """Check the graph against the portable I/O contract; return the (past, present) name
+        pairs in layer order and the KV type."""
+        path = self.model_dir / "model.onnx"
+        spec = self.spec
+        kv_names = [
+            (f"past_key_values.{i}.{kind}", f"present.{i}.{kind}")
+            for i in range(spec.num_layers)
+            for kind in ("key", "value")
+        ]
+        expected_in = {"input_ids", "attention_mask", "position_ids", *(p for p, _ in kv_names)}
+        expected_out = {"logits", *(p for _, p in kv_names)}
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        missing = sorted(expected_in - inputs.keys()) + sorted(expected_out - outputs)
+        if missing:
+            raise GemmaOnnxError(
+                f"{path}: graph lacks {', '.join(missing[:4])}"
+                f"{' ...' if len(missing) > 4 else ''} for {spec.num_layers} layers (config.json); "
+                "was it built by gemma-onnx for the portable target?"
+            )
+        extra = sorted(inputs.keys() - expected_in - {"logits_to_keep"})
+        if extra:
+            raise GemmaOnnxError(f"{path}: graph needs inputs this runtime cannot feed: {extra}")
+        first = inputs[kv_names[0][0]]
+        if first.type not in _KV_TYPES:
+            raise GemmaOnnxError(f"{path}: KV cache type {first.type} is not supported")
+        want = [None, spec.num_kv_heads, None, spec.head_dim]
+        if len(first.shape) != len(want) or any(
+            isinstance(got, int) and expected is not None and got != expected
+            for got, expected in zip(first.shape, want, strict=False)
+        ):
+            raise GemmaOnnxError(
+                f"{path}: past shape {first.shape} disagrees with config.json "
+                f"(num_key_value_heads {spec.num_kv_heads}, head_dim {spec.head_dim})"
+            )
+        return kv_names, first.type
+
+    def allocate(self, batch: int, max_length: int) -> RunState:
+        """Allocate every buffer for ``batch`` rows of up to ``max_length`` positions, once."""
+        spec = self.spec
+        kv_size = batch * spec.num_kv_heads * max_length * spec.head_dim
+
+        def kv() -> list[DeviceBuffer]:
+            return [
+                DeviceBuffer(kv_size, self.kv_dtype, self.kv_onnx_type, self.device)
+                for _ in self.kv_names
+            ]
+
+        return RunState(
+            batch=batch,
+            max_length=max_length,
+            binding=self.session.io_binding(),
+            past=kv(),
+            present=kv(),
+            logits=np.zeros(batch * spec.vocab_size, np.float32),
+            input_ids=np.zeros(batch * max_length, np.int64),
+            position_ids=np.zeros(batch * max_length, np.int64),
+            mask=np.zeros((batch, max_length), np.int64),
+            mask_packed=np.zeros(batch * max_length, np.int64),
+            logits_to_keep=np.array(1, np.int64),
+            next_position=np.zeros(batch, np.int64),
+            seen=np.zeros((batch, spec.vocab_size), bool),
+        )
+
+    def forward(self, state: RunState, rows: int, seq: int) -> np.ndarray:
+        """Run the graph on ``state.input_ids`` / ``position_ids`` as packed [rows, seq], the
+        mask's first past_length + seq columns and the cached past; append to the cache.
+
+        Returns the last position's logits, [rows, V] float32 (a view of ``state.logits`` unless
+        the graph has no ``logits_to_keep`` and seq > 1).
+        """
+        past, total = state.past_length, state.past_length + seq
+        if rows > state.batch or total > state.max_length:
+            raise ValueError(
+                f"{rows} rows x {total} positions exceed the RunState ({state.batch} x "
+                f"{state.max_length})"
+            )
+        spec, b = self.spec, state.binding
+        b.clear_binding_outputs()
+        b.bind_input("input_ids", "cpu", 0, _INT64, [rows, seq], state.input_ids.ctypes.data)
+        b.bind_input("position_ids", "cpu", 0, _INT64, [rows, seq], state.position_ids.ctypes.data)
+        mask = state.mask_packed[: rows * total].reshape(rows, total)  # [rows, past + seq]
+        np.copyto(mask, state.mask[:rows, :total])
+        b.bind_input("attention_mask", "cpu", 0, _INT64, [rows, total], mask.ctypes.data)
+        if self.has_logits_to_keep:
+            b.bind_input("logits_to_keep", "cpu", 0, _INT64, [], state.logits_to_keep.ctypes.data)
+        # Without logits_to_keep a prefill yields [rows, seq, V]: let ORT allocate that once.
+        full_logits = seq > 1 and not self.has_logits_to_keep
+        if full_logits:
+            b.bind_output("logits", "cpu")
+        else:
+            shape = [rows, 1, spec.vocab_size]
+            b.bind_output("logits", "cpu", 0, _FLOAT32, shape, state.logits.ctypes.data)
+        heads, dim = spec.num_kv_heads, spec.head_dim
+        for (past_name, present_name), src, dst in zip(
+            self.kv_names, state.past, state.present, strict=True
+        ):
+            src.bind_input(b, past_name, (rows, heads, past, dim))
+            dst.bind_output(b, present_name, (rows, heads, total, dim))
+        self.session.run_with_iobinding(b)
+        state.past, state.present = state.present, state.past
+        state.past_length = total
+        if full_logits:
+            return b.get_outputs()[0].numpy()[:, -1]  # logits were bound first
+        return state.logits[: rows * spec.vocab_size].reshape(rows, spec.vocab_size)
+
+
+def _open_session(path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
+    """Create the session; a wrong provider, thread count or a broken file is the user's to fix."""
+    if provider not in PROVIDERS:
+        raise GemmaOnnxError(f"provider {provider!r} is not supported; choose cpu or cuda")
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        raise GemmaOnnxError(
+            f"provider {provider!r} needs {PROVIDERS[provider]}, which this onnxruntime lacks; "
+            f"available: {', '.join(available)}"
+        )
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise GemmaOnnxError(f"threads (--threads) must be >= 1, got {threads!r}")
+    if not path.is_file():
+        raise GemmaOnnxError(f"{path} not found; build it with `gemma-onnx build`")
+    options = ort.SessionOptions()
+    # Errors only: ORT warns on every load that the overridable logits_to_keep is not a constant.
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider == "cuda" else [])
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except ort_state.NotImplemented as exc:
+        raise GemmaOnnxError(
+            f"{path}: onnxruntime's {provider} provider lacks a kernel this model needs (on cpu, "
+            f"build with --precision fp32 or fp16; bf16 needs cuda): {_first_line(exc)}"
+        ) from None
+    except (
+        ort_state.Fail,
+        ort_state.InvalidProtobuf,
+        ort_state.InvalidGraph,
+        ort_state.NoSuchFile,
+        ort_state.RuntimeException,
+    ) as exc:
+        raise GemmaOnnxError(
+            f"{path}: onnxruntime cannot load it (truncated, or its external data file missing "
+            f"from the folder?): {_first_line(exc)}"
+        ) from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,191 @@
+"""Text at the edges: the folder's tokenizer, the chat template and streaming detokenization.
+
+The generation loop sees token ids only; the CLI and the API use this module on either side of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from gemma_onnx.errors import GemmaOnnxError
+
+# Gemma's turn format, used when the folder has no chat template (or jinja2 is missing).
+GEMMA_CHAT = "{bos}<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+_REPLACEMENT = "\ufffd"  # what a decoder prints for bytes that are not (yet) a whole character
+
+
+class TextTokenizer:
+    """``tokenizer.json`` (+ ``tokenizer_config.json``) of a model folder."""
+
+    def __init__(self, model_dir: Path) -> None:
+        path = model_dir / "tokenizer.json"
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+            raise GemmaOnnxError(f"{path}: cannot load the tokenizer ({exc})") from None
+        config_path = model_dir / "tokenizer_config.json"
+        try:
+            self.config = json.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            self.config = {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise GemmaOnnxError(f"{config_path}: not readable JSON ({exc})") from None
+        self.bos_token = _token_text(self.config.get("bos_token")) or "<bos>"
+        self.eos_token = _token_text(self.config.get("eos_token")) or "<eos>"
+        self.bos_token_id = self.tokenizer.token_to_id(self.bos_token)
+        self.chat_template = _chat_template(model_dir, self.config)
+
+    @classmethod
+    def from_folder(cls, model_dir: str | Path) -> TextTokenizer | None:
+        """The folder's tokenizer, or None when it has no tokenizer.json (token ids only)."""
+        model_dir = Path(model_dir)
+        return cls(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` a BOS leads, as Gemma expects."""
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # Some exports put BOS in tokenizer_config (add_bos_token) rather than the post-processor.
+        wants_bos = add_special_tokens and self.config.get("add_bos_token", False)
+        if wants_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def encode_chat(self, prompt: str) -> list[int]:
+        """One user turn in the folder's chat template, ready for the model's answer.
+
+        The template renders the BOS itself, so the tokenizer must not add another.
+        """
+        return self.encode(self.render_chat(prompt), add_special_tokens=False)
+
+    def render_chat(self, prompt: str) -> str:
+        if self.chat_template is not None:
+            try:
+                from jinja2.exceptions import TemplateError
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+            except ImportError:
+                pass
+            else:
+                # The environment HF's apply_chat_template uses, so templates render the same.
+                env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+                env.globals["raise_exception"] = _raise_template_error
+                try:
+                    return env.from_string(self.chat_template).render(
+                        messages=[{"role": "user", "content": prompt}],
+                        add_generation_prompt=True,
+                        bos_token=self.bos_token,
+                        eos_token=self.eos_token,
+                    )
+                except TemplateError as exc:
+                    raise GemmaOnnxError(f"chat template of the model folder: {exc}") from None
+        return GEMMA_CHAT.format(bos=self.bos_token, prompt=prompt)
+
+
+def _raise_template_error(message: str) -> None:
+    raise GemmaOnnxError(f"chat template: {message}")
+
+
+def _token_text(value: object) -> str | None:
+    """tokenizer_config stores special tokens as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _chat_template(model_dir: Path, config: dict) -> str | None:
+    """transformers >= 4.43 writes chat_template.jinja; older ones put it in tokenizer_config,
+    as a string or a list of named templates."""
+    jinja_path = model_dir / "chat_template.jinja"
+    if jinja_path.is_file():
+        return jinja_path.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+class StreamDecoder:
+    """One row's growing token list -> text pieces that are safe to print at once.
+
+    A piece never ends in half a UTF-8 character (a trailing U+FFFD is held back until its bytes
+    arrive) nor in the start of a stop string (held back until it is clearly not one). When a
+    stop string appears, the text ends just before it. Concatenated, the pieces are ``text``,
+    which equals ``decode(ids)`` (up to any stop string) whenever the bytes are valid UTF-8.
+    Around invalid bytes the two may differ in how many U+FFFD stand for them: tokenizers'
+    ByteFallback replaces every byte of an invalid run, valid ASCII bytes in it included.
+
+    Decoding works on a window (the last emitted token as context, then the new ones), as TGI
+    does, so the cost per token does not grow with the output.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.text = ""  # everything emitted so far
+        self.stopped = False  # a stop string ended the text
+        self._prefix = 0  # ids[_prefix:_read] were decoded already: the context for the next
+        self._read = 0
+        self._pending = ""  # decoded, but held back as a possible start of a stop string
+        self._ready = ""  # emitted by push() and not yet taken
+
+    def push(self, token: int) -> bool:
+        """Add one token; return True once a stop string has ended the text."""
+        if self.stopped:
+            return True
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith(_REPLACEMENT):
+            self._add(after[len(before) :])
+            self._prefix, self._read = self._read, len(self.ids)
+        return self.stopped
+
+    def finish(self) -> None:
+        """The row ended: release what was held back (a trailing U+FFFD is now final)."""
+        if self.stopped:
+            return
+        before = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix :])
+        self._add(after[len(before) :])
+        self._emit(self._pending)
+        self._pending = ""
+
+    def take(self) -> str:
+        """The text emitted since the last take()."""
+        piece, self._ready = self._ready, ""
+        return piece
+
+    def _add(self, piece: str) -> None:
+        text = self._pending + piece
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._emit(text[: min(hits)])
+            self._pending = ""
+            self.stopped = True
+            return
+        hold = _longest_stop_prefix(text, self.stop)
+        self._emit(text[: len(text) - hold])
+        self._pending = text[len(text) - hold :]
+
+    def _emit(self, piece: str) -> None:
+        self.text += piece
+        self._ready += piece
+
+
+def _longest_stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that begins some stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

@@ -1,0 +1,108 @@
+"""``gemma-onnx generate`` through click's CliRunner, on the tiny model of test_runtime.py."""
+
+from __future__ import annotations
+
+import sys
+
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from test_runtime import make_tiny_model
+
+from gemma_onnx.api import Gemma
+from gemma_onnx.cli import main
+from gemma_onnx.cli_generate import generate
+
+if "generate" not in main.commands:  # until the lead registers it on the group
+    main.add_command(generate)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny_cli"))[0])
+
+
+def run(*args: str, stdin: str | None = None):
+    return CliRunner().invoke(main, ["generate", *args], input=stdin)
+
+
+def test_generate_streams_the_greedy_text(model_dir):
+    result = run("--model", model_dir, "--max-new-tokens", "12", "--threads", "1", "hello world")
+    assert result.exit_code == 0, result.output
+    expected = Gemma(model_dir).generate("hello world", max_new_tokens=12).text
+    assert result.stdout == expected + "\n"
+
+
+def test_prompt_from_stdin_and_stats_on_stderr(model_dir):
+    args = ("--model", model_dir, "--max-new-tokens", "5", "--ignore-eos", "--stats")
+    from_stdin = run(*args, stdin="hello world\n")
+    assert from_stdin.exit_code == 0, from_stdin.output
+    assert from_stdin.stdout == run(*args, "hello world").stdout
+    assert from_stdin.stdout == run(*args, "-", stdin="hello world").stdout
+    stats = from_stdin.stderr
+    for part in ("time to first token", "prefill 12 tokens", "decode 4 tokens", "peak RSS"):
+        assert part in stats
+
+
+def test_sampling_chat_and_stop_options(model_dir):
+    args = ["--model", model_dir, "--max-new-tokens", "20", "--temperature", "0.8", "--seed", "1"]
+    args += ["--top-k", "50", "--top-p", "0.9", "--min-p", "0.01", "--repetition-penalty", "1.2"]
+    first = run(*args, "--chat", "hi")
+    assert first.exit_code == 0, first.output
+    assert run(*args, "--chat", "hi").stdout == first.stdout
+    stop = first.stdout[3:5]
+    stopped = run(*args, "--chat", "--stop", stop, "--stop", "\x00", "hi")
+    assert stopped.stdout == first.stdout[: first.stdout.index(stop)] + "\n"
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--temperature", "-1", "temperature (--temperature) must be >= 0, got -1.0"),
+        ("--top-p", "0", "top_p (--top-p) must be in (0, 1], got 0.0"),
+        ("--top-p", "1.5", "top_p (--top-p) must be in (0, 1], got 1.5"),
+        ("--top-k", "-3", "top_k (--top-k) must be >= 0, got -3"),
+        ("--min-p", "2", "min_p (--min-p) must be in [0, 1], got 2.0"),
+        (
+            "--repetition-penalty",
+            "0",
+            "repetition_penalty (--repetition-penalty) must be > 0, got 0.0",
+        ),
+        ("--threads", "0", "threads (--threads) must be >= 1, got 0"),
+        ("--max-new-tokens", "0", "max_new_tokens (--max-new-tokens) must be >= 1, got 0"),
+        ("--max-length", "1", "max_length (--max-length) must be >= 2, got 1"),
+        ("--provider", "tpu", "provider 'tpu' is not supported; choose cpu or cuda"),
+    ],
+)
+def test_bad_option_values_fail_in_one_line(model_dir, option, value, message):
+    result = run("--model", model_dir, option, value, "hello")
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {message}\n"
+    assert "Traceback" not in result.output
+
+
+def test_context_overflow_names_the_limit(model_dir):
+    args = ("--model", model_dir, "--max-new-tokens", "10", "--max-length", "16")
+    result = run(*args, "a long prompt that is too long")
+    assert result.exit_code == 1
+    assert "context limit of 16 tokens" in result.stderr and result.stderr.count("\n") == 1
+    truncated = run(*args, "--truncate", "a long prompt that is too long")
+    assert truncated.exit_code == 0, truncated.output
+
+
+def test_cuda_without_cuda_names_the_available_providers(model_dir):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    result = run("--model", model_dir, "--provider", "cuda", "hello")
+    assert result.exit_code == 1
+    assert "available: " in result.stderr and "CPUExecutionProvider" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_missing_model_folder_and_missing_default_model(tmp_path, monkeypatch):
+    result = run("--model", str(tmp_path / "nowhere"), "hello")
+    assert result.exit_code == 1 and "does not exist" in result.stderr
+    monkeypatch.setitem(sys.modules, "gemma_onnx.tools.default_model", None)  # import fails
+    result = run("hello")
+    assert result.exit_code == 1
+    assert "pass --model DIR" in result.stderr and "Traceback" not in result.output

@@ -1,0 +1,313 @@
+"""The runtime on a tiny random Gemma 3 built by our builder: HF greedy parity, sampling, batching,
+buffers allocated once, streaming detokenization, stop conditions and the context guard.
+
+``make_tiny_model`` (also used by test_generate_cli.py) writes a byte-fallback BPE tokenizer whose
+vocabulary is exactly the model's, so every id the model can produce decodes to text.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import FULL, SLIDING, make_causal_lm
+from gemma_onnx.api import Gemma
+from gemma_onnx.errors import GemmaOnnxError
+from gemma_onnx.runtime import Sampler, SamplingConfig, Session, StreamDecoder, TextTokenizer
+from gemma_onnx.runtime import generate as generate_ids
+from gemma_onnx.runtime.session import DeviceBuffer
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # ids 0-5
+VOCAB = 320
+EOS_IDS = [1, 5]  # like Gemma 3 -it's <eos> and <end_of_turn> (1 and 106)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+# The brief's tiny shape, plus conftest's hard cases (query_pre_attn_scalar != head_dim, small
+# RoPE thetas, linear scaling on global layers). initializer_range 0.02 gives varied greedy text
+# with a top-1/top-2 margin far above fp32 noise.
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    head_dim=32,
+    sliding_window=8,
+    layer_types=[SLIDING, FULL, SLIDING, FULL],
+    max_position_embeddings=256,
+    initializer_range=0.02,
+)
+PROMPT = [2, *np.random.default_rng(0).integers(6, VOCAB, 14).tolist()]  # 15 > sliding_window 8
+
+
+def write_tokenizer(folder: Path) -> None:
+    """Byte-fallback BPE like Gemma's: specials, the 256 byte tokens, then single characters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+
+    vocab = {token: i for i, token in enumerate(SPECIALS)}
+    vocab.update({f"<0x{b:02X}>": len(SPECIALS) + b for b in range(256)})
+    for char in "\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'":
+        vocab[char] = len(vocab)
+    assert len(vocab) == VOCAB
+    tokenizer = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tokenizer.add_special_tokens(SPECIALS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 2)]
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<bos>", "eos_token": "<eos>", "chat_template": CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def make_tiny_model(base: Path) -> tuple[Path, object]:
+    """A tiny random Gemma3ForCausalLM + tokenizer, built by our builder -> (folder, HF oracle)."""
+    from gemma_onnx.builder import build_model
+
+    weights = base / "weights"
+    oracle = make_causal_lm(weights, seed=0, **TINY)
+    write_tokenizer(weights)
+    generation_path = weights / "generation_config.json"
+    generation = json.loads(generation_path.read_text())
+    generation["eos_token_id"] = EOS_IDS
+    generation_path.write_text(json.dumps(generation))
+    return build_model(weights, base / "onnx"), oracle
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def gemma(tiny):
+    return Gemma(tiny[0], threads=1)
+
+
+def hf_greedy(oracle, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = oracle.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_greedy_equals_hf_generate(tiny, gemma):
+    _, oracle = tiny
+    expected = hf_greedy(oracle, PROMPT, 24)
+    assert len(expected) == 24 and len(set(expected)) > 10  # a meaningful sequence
+    got = gemma.generate(PROMPT, max_new_tokens=24, ignore_eos=True)
+    assert got.token_ids == expected
+
+
+def test_stops_on_every_eos_id_in_generation_config(gemma):
+    assert gemma.spec.eos_token_ids == tuple(EOS_IDS)
+    full = gemma.generate(PROMPT, max_new_tokens=24, ignore_eos=True).token_ids
+    first_eos = next(i for i, t in enumerate(full) if t in EOS_IDS)  # the model makes a 5
+    assert full[first_eos] == 5
+    stopped = gemma.generate(PROMPT, max_new_tokens=24)
+    assert stopped.token_ids == full[: first_eos + 1]
+    assert stopped.finish_reason == "eos"
+    assert gemma.generate(PROMPT, max_new_tokens=3, ignore_eos=True).finish_reason == "length"
+
+
+def test_seeded_sampling_repeats_and_another_seed_differs(gemma):
+    def sample(seed: int) -> list[int]:
+        options = dict(temperature=1.0, top_k=100, top_p=0.95, repetition_penalty=1.1)
+        return gemma.generate(PROMPT, max_new_tokens=16, ignore_eos=True, seed=seed, **options)
+
+    first = sample(3).token_ids
+    assert sample(3).token_ids == first
+    assert sample(4).token_ids != first
+
+
+def test_left_padded_batch_equals_rows_alone(gemma):
+    rng = np.random.default_rng(5)
+    prompts = [[2, *rng.integers(6, VOCAB, n).tolist()] for n in (16, 3, 10)]
+    alone = [gemma.generate(p, max_new_tokens=12, ignore_eos=True).token_ids for p in prompts]
+    batch = gemma.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    assert [c.token_ids for c in batch] == alone
+
+
+def test_rows_finish_independently(gemma):
+    """Row 0 ends on its fourth token (made an eos id here); the others run on, unchanged."""
+    rng = np.random.default_rng(6)
+    prompts = [[2, *rng.integers(6, VOCAB, n).tolist()] for n in (5, 12, 9)]
+    alone = [gemma.generate(p, max_new_tokens=10, ignore_eos=True).token_ids for p in prompts]
+    eos = {alone[0][3]}
+    assert not eos & set(alone[1] + alone[2]), "pick prompts whose other rows avoid that token"
+    state = gemma.session.allocate(3, 32)
+    rows: list[list[int]] = [[], [], []]
+    steps = generate_ids(
+        gemma.session, state, Sampler(SamplingConfig()), prompts, 10, eos_token_ids=eos
+    )
+    for new in steps:
+        for r in np.flatnonzero(new >= 0):
+            rows[r].append(int(new[r]))
+    assert rows == [alone[0][:4], alone[1], alone[2]]
+
+
+def test_kv_buffers_are_allocated_once_and_written_in_place(gemma, monkeypatch):
+    made = []
+    real_init = DeviceBuffer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(args)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeviceBuffer, "__init__", counting_init)
+    session = gemma.session
+    state = session.allocate(2, 64)
+    assert len(made) == 2 * len(session.kv_names)  # ping and pong per KV tensor, nothing else
+    buffers = {id(b): b.ptr for b in state.past + state.present}
+    logits_ptr = state.logits.ctypes.data
+    prompts = [PROMPT, PROMPT[:7]]
+    for _ in range(2):  # the state is reused across generations too
+        steps = generate_ids(session, state, Sampler(SamplingConfig()), prompts, 40)
+        for _ in steps:
+            now = {id(b): b.ptr for b in state.past + state.present}
+            assert now == buffers
+            assert state.logits.ctypes.data == logits_ptr
+            # ORT wrote present into our buffers (no copy): the bound outputs live there.
+            outputs = state.binding.get_outputs()
+            assert {o.data_ptr() for o in outputs[1:]} == {b.ptr for b in state.past}
+            assert outputs[0].data_ptr() == logits_ptr
+    assert len(made) == 2 * len(session.kv_names)
+    assert state.past_length == len(PROMPT) + 39
+
+
+def test_generation_without_logits_to_keep(tiny, tmp_path):
+    """A graph lacking the optional input: prefill takes the full logits, same tokens."""
+    folder = tmp_path / "no_keep"
+    shutil.copytree(tiny[0], folder)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    inputs = [i for i in model.graph.input if i.name != "logits_to_keep"]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    onnx.save(model, str(folder / "model.onnx"))
+    plain = Gemma(folder)
+    assert not plain.session.has_logits_to_keep
+    expected = Gemma(tiny[0]).generate(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids
+    assert plain.generate(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids == expected
+
+
+def test_stream_decoder_never_splits_a_character(tiny):
+    tokenizer = TextTokenizer.from_folder(tiny[0])
+    text = "hi 😀 中文 ok ☕!"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text)  # emoji and CJK went through byte-fallback tokens
+    decoder = StreamDecoder(tokenizer)
+    pieces = []
+    for token in ids:
+        decoder.push(token)
+        pieces.append(decoder.take())
+    decoder.finish()
+    pieces.append(decoder.take())
+    assert "".join(pieces) == decoder.text == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert pieces.count("") >= 6  # held back while a character was incomplete
+
+
+def test_stream_decoder_stops_before_a_stop_string(tiny):
+    tokenizer = TextTokenizer.from_folder(tiny[0])
+    decoder = StreamDecoder(tokenizer, stop=["中文", "zz"])
+    pieces = []
+    for token in tokenizer.encode("hi 😀 中文 ok"):
+        stopped = decoder.push(token)
+        pieces.append(decoder.take())
+        if stopped:
+            break
+    assert decoder.stopped and "".join(pieces) == decoder.text == "hi 😀 "
+
+
+def test_streamed_text_equals_final_text(gemma):
+    # The tiny model mostly emits byte tokens: split multi-byte sequences, many of them invalid.
+    stream = gemma.stream(PROMPT, max_new_tokens=40, temperature=1.0, seed=0, ignore_eos=True)
+    pieces = list(stream)
+    completion = stream.completion
+    assert "".join(pieces) == completion.text
+    assert len(completion.token_ids) == 40
+    # A U+FFFD is only printed once the bytes after it show it is final (or at the end).
+    assert not any(piece.endswith("\ufffd") for piece in pieces[:-1])
+    # (tokenizers' ByteFallback turns every byte of an invalid run into U+FFFD, valid ASCII
+    # bytes included, so a whole-text decode may differ from the stream around invalid bytes;
+    # on valid UTF-8 the two agree: test_stream_decoder_never_splits_a_character.)
+
+
+def test_stop_strings_end_the_text_before_them(gemma):
+    text = gemma.generate("abc", max_new_tokens=30, ignore_eos=True, temperature=1.0, seed=1).text
+    stop = text[10:12]
+    got = gemma.generate("abc", max_new_tokens=30, temperature=1.0, seed=1, stop=[stop, "\x00"])
+    assert got.finish_reason == "stop"
+    assert got.text == text[: text.index(stop)]
+
+
+def test_chat_template_renders_the_gemma_turn_format(gemma):
+    tokenizer = gemma.tokenizer
+    expected = "<bos><start_of_turn>user\nhello<end_of_turn>\n<start_of_turn>model\n"
+    assert tokenizer.render_chat("hello") == expected
+    assert tokenizer.encode_chat("hello")[:2] == [2, 4]  # one BOS, then <start_of_turn>
+    tokenizer_without = TextTokenizer.from_folder(gemma.session.model_dir)
+    tokenizer_without.chat_template = None
+    assert tokenizer_without.render_chat("hello") == expected
+    assert len(gemma.generate("hello", chat=True, max_new_tokens=2).token_ids) <= 2
+
+
+def test_context_guard_refuses_or_truncates(gemma, tiny):
+    long_prompt = [2, *([7] * 250)]  # 251 + 10 > max_position_embeddings 256
+    with pytest.raises(GemmaOnnxError, match="context limit of 256 tokens"):
+        gemma.generate(long_prompt, max_new_tokens=10)
+    got = gemma.generate(long_prompt, max_new_tokens=10, truncate=True, ignore_eos=True)
+    assert got.prompt_tokens == 246 and len(got.token_ids) == 10
+    small = Gemma(tiny[0], max_length=20)
+    with pytest.raises(GemmaOnnxError, match="context limit of 20 tokens"):
+        small.generate(PROMPT, max_new_tokens=10)
+    truncated = small.generate(PROMPT, max_new_tokens=10, truncate=True, ignore_eos=True)
+    assert truncated.prompt_tokens == 10
+    assert small._state.max_length == 20  # allocated for the requested max length, once
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(gemma):
+    with pytest.raises(GemmaOnnxError, match=r"token id 320 at position 1 .*\[0, 320\)"):
+        gemma.generate([2, 320])
+    with pytest.raises(GemmaOnnxError, match="token id -1"):
+        gemma.generate([[2, 5], [2, -1]])
+
+
+def test_cuda_without_cuda_names_the_available_providers(tiny):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(GemmaOnnxError) as info:
+        Session(tiny[0], provider="cuda")
+    assert "CPUExecutionProvider" in str(info.value) and "available" in str(info.value)
+
+
+def test_missing_or_truncated_model_is_a_clear_error(tiny, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny[0], folder)
+    (folder / "model.onnx").unlink()
+    with pytest.raises(GemmaOnnxError, match="model.onnx not found"):
+        Session(folder)
+    graph = (tiny[0] / "model.onnx").read_bytes()
+    (folder / "model.onnx").write_bytes(graph[: len(graph) // 2])
+    with pytest.raises(GemmaOnnxError, match="onnxruntime cannot load it"):
+        Session(folder)
+    shutil.copyfile(tiny[0] / "model.onnx", folder / "model.onnx")
+    data = (folder / "model.onnx_data").read_bytes()  # the builder's external data file
+    (folder / "model.onnx_data").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GemmaOnnxError, match="onnxruntime cannot load it"):
+        Session(folder)
+    with pytest.raises(GemmaOnnxError, match="does not exist"):
+        Session(tmp_path / "nowhere")
