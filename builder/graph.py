@@ -210,10 +210,18 @@ class DecoderGraph:
             producer_name="gemma-onnx",
             doc_string="Gemma 3 text decoder built by gemma-onnx from safetensors weights",
         )
+        # What a runtime must know to feed the graph (read via InferenceSession.get_modelmeta).
+        model.metadata_props.update(self.runtime_metadata())
         for proto in function_protos():
             function = ir.serde.deserialize_function(proto)
             model.functions[function.identifier()] = function
         return model
+
+    def runtime_metadata(self) -> dict[str, str]:
+        """kv_cache: 'concat' = present is past + new (a new, longer tensor every step);
+        padding: where attention_mask puts the 0s of a shorter row."""
+        return {"gemma_onnx.target": "portable", "gemma_onnx.kv_cache": "concat",
+                "gemma_onnx.padding": "left"}  # fmt: skip
 
     def past_sequence_dim(self) -> str:
         return "past_sequence_length"

@@ -105,6 +105,12 @@ class OrtDecoderGraph(DecoderGraph):
             name="logits_to_keep", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([])
         )
 
+    def runtime_metadata(self) -> dict[str, str]:
+        """kv_cache 'shared': past and present are one [B, H, max_sequence_length, D] buffer per
+        tensor, bound to both; padding 'right': each row's tokens start at position 0."""
+        return {"gemma_onnx.target": "ort", "gemma_onnx.kv_cache": "shared",
+                "gemma_onnx.padding": "right"}  # fmt: skip
+
     def past_sequence_dim(self) -> str:
         return "max_sequence_length"
 

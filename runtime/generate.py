@@ -86,6 +86,8 @@ def prefill(
     """
     rows, seq = len(prompts), max(len(p) for p in prompts)
     state.start(rows)
+    if session.shared_kv:
+        return _prefill_rows(session, state, sampler, prompts)
     ids = state.input_ids[: rows * seq].reshape(rows, seq)  # [rows, seq]
     ids.fill(session.spec.pad_token_id)
     mask = state.mask[:rows, :seq]  # [rows, seq]
@@ -102,6 +104,25 @@ def prefill(
     return _pick(sampler, state, logits)
 
 
+def _prefill_rows(
+    session: Session, state: RunState, sampler: Sampler, prompts: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """Shared-KV graphs keep rows right-padded (each row's tokens from position 0), so each
+    prompt runs alone at its own length, into its own row of the KV buffers."""
+    first = np.zeros(len(prompts), np.int64)
+    for row, prompt in enumerate(prompts):
+        length = len(prompt)
+        state.input_ids[:length] = prompt  # as [1, length]
+        state.position_ids[:length] = np.arange(length)
+        state.mask[row, :length] = 1
+        state.seen[row, prompt] = True
+        state.next_position[row] = length
+        logits = session.forward_shared(state, 1, length, length, first_row=row)  # [1, V]
+        first[row] = sampler(logits, state.seen[row : row + 1])[0]
+        state.seen[row, first[row]] = True
+    return first
+
+
 def decode_one_token(
     session: Session, state: RunState, sampler: Sampler, tokens: np.ndarray
 ) -> np.ndarray:
@@ -109,8 +130,13 @@ def decode_one_token(
     rows = len(tokens)
     state.input_ids[:rows] = tokens  # as [rows, 1]
     state.position_ids[:rows] = state.next_position[:rows]
-    state.mask[:rows, state.past_length] = 1
-    logits = session.forward(state, rows, 1)  # [rows, V]
+    if session.shared_kv:  # right padding: each row's new token goes at its own length
+        state.mask[np.arange(rows), state.next_position[:rows]] = 1
+        total = int(state.next_position[:rows].max()) + 1
+        logits = session.forward_shared(state, rows, 1, total)  # [rows, V]
+    else:
+        state.mask[:rows, state.past_length] = 1
+        logits = session.forward(state, rows, 1)  # [rows, V]
     state.next_position[:rows] += 1
     return _pick(sampler, state, logits)
 

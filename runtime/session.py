@@ -105,6 +105,7 @@ class DeviceBuffer:
 
     def __init__(self, size: int, dtype: np.dtype, onnx_type: int, device: str) -> None:
         self.size = size
+        self.itemsize = np.dtype(dtype).itemsize
         self.onnx_type = onnx_type
         self.device = device
         self.memory: np.ndarray | ort.OrtValue
@@ -116,16 +117,27 @@ class DeviceBuffer:
             self.memory = ort.OrtValue.ortvalue_from_shape_and_type([size], onnx_type, device, 0)
             self.ptr = self.memory.data_ptr()
 
-    def _check(self, shape: tuple[int, ...]) -> list[int]:
-        if int(np.prod(shape)) > self.size:
-            raise ValueError(f"shape {shape} does not fit a buffer of {self.size} elements")
+    def _check(self, shape: tuple[int, ...], offset: int) -> list[int]:
+        if offset + int(np.prod(shape)) > self.size:
+            raise ValueError(
+                f"shape {shape} at element {offset} does not fit a buffer of {self.size} elements"
+            )
         return list(shape)
 
-    def bind_input(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...]) -> None:
-        binding.bind_input(name, self.device, 0, self.onnx_type, self._check(shape), self.ptr)
+    def _ptr(self, offset: int) -> int:
+        return self.ptr + offset * self.itemsize
 
-    def bind_output(self, binding: ort.IOBinding, name: str, shape: tuple[int, ...]) -> None:
-        binding.bind_output(name, self.device, 0, self.onnx_type, self._check(shape), self.ptr)
+    def bind_input(
+        self, binding: ort.IOBinding, name: str, shape: tuple[int, ...], offset: int = 0
+    ) -> None:
+        shape_ = self._check(shape, offset)
+        binding.bind_input(name, self.device, 0, self.onnx_type, shape_, self._ptr(offset))
+
+    def bind_output(
+        self, binding: ort.IOBinding, name: str, shape: tuple[int, ...], offset: int = 0
+    ) -> None:
+        shape_ = self._check(shape, offset)
+        binding.bind_output(name, self.device, 0, self.onnx_type, shape_, self._ptr(offset))
 
 
 @dataclass
@@ -141,11 +153,14 @@ class RunState:
     batch: int  # rows the buffers hold
     max_length: int  # positions (prompt + new tokens) the KV buffers hold
     binding: ort.IOBinding  # rebound every step (shapes change), never re-created
-    # KV cache, ping-pong, one entry per graph past input (layer-major, key then value).
-    # Each buffer is flat [B*H*T*D] in the graph's float type (on CUDA: device memory).
-    # `past[i]` is read as packed [rows, H, past_length, D]; the graph writes
-    # present = concat(past, new) as packed [rows, H, past_length + seq, D] into `present[i]`;
-    # then the lists swap. Present must not alias past, hence two buffers per tensor.
+    # KV cache, one entry per graph past input (layer-major, key then value). Each buffer is
+    # flat [B*H*T*D] in the graph's float type (on CUDA: device memory).
+    # Portable graphs (kv_cache "concat"), ping-pong: `past[i]` is read as packed
+    # [rows, H, past_length, D]; the graph writes present = concat(past, new) as packed
+    # [rows, H, past_length + seq, D] into `present[i]`; then the lists swap. Present must not
+    # alias past, hence two buffers per tensor.
+    # ORT-target graphs (kv_cache "shared"): `present` is `past`, one [B, H, T, D] buffer per
+    # tensor bound as both; GroupQueryAttention writes the new positions in place.
     past: list[DeviceBuffer]
     present: list[DeviceBuffer]
     # Logits of each row's last position: flat [B*V] float32 on the host, bound as [rows, 1, V]
@@ -155,8 +170,8 @@ class RunState:
     input_ids: np.ndarray
     position_ids: np.ndarray
     # Attention mask, host [B, T] int64: 1 where row b holds a real token at position t
-    # (0 on left padding). `mask_packed`, flat [B*T], holds the [rows, past_length + seq] copy
-    # the graph reads each step.
+    # (0 on left padding; on shared-KV graphs rows are right-padded: ones, then zeros).
+    # `mask_packed`, flat [B*T], holds the [rows, past_length + seq] copy the graph reads.
     mask: np.ndarray
     mask_packed: np.ndarray
     # 0-d int64 = 1: ask the graph for the last position's logits only (the optional input).
@@ -165,7 +180,8 @@ class RunState:
     next_position: np.ndarray
     # Per row: tokens in the prompt + output so far, [B, V] bool (the repetition penalty's set).
     seen: np.ndarray
-    # Positions already in the KV cache (the same for every row: padding is on the left).
+    # Positions already in the KV cache (the same for every row: padding is on the left; on
+    # shared-KV graphs the longest row's, with next_position holding each row's own).
     past_length: int = 0
 
     def start(self, rows: int) -> None:
@@ -186,6 +202,9 @@ class Session:
         self.device = "cuda" if provider == "cuda" else "cpu"
         self.session = _open_session(self.model_dir / "model.onnx", provider, threads)
         self.kv_names, kv_type = self._check_io()
+        meta = self.session.get_modelmeta().custom_metadata_map
+        # "shared": ORT-target graph, KV buffers of max length bound as both past and present.
+        self.shared_kv = meta.get("gemma_onnx.kv_cache") == "shared"
         self.kv_dtype, self.kv_onnx_type = _KV_TYPES[kv_type]
         optional = self.session.get_overridable_initializers() + self.session.get_inputs()
         self.has_logits_to_keep = any(i.name == "logits_to_keep" for i in optional)
@@ -239,12 +258,13 @@ class Session:
                 for _ in self.kv_names
             ]
 
+        past = kv()
         return RunState(
             batch=batch,
             max_length=max_length,
             binding=self.session.io_binding(),
-            past=kv(),
-            present=kv(),
+            past=past,
+            present=past if self.shared_kv else kv(),
             logits=np.zeros(batch * spec.vocab_size, np.float32),
             input_ids=np.zeros(batch * max_length, np.int64),
             position_ids=np.zeros(batch * max_length, np.int64),
@@ -254,6 +274,40 @@ class Session:
             next_position=np.zeros(batch, np.int64),
             seen=np.zeros((batch, spec.vocab_size), bool),
         )
+
+    def forward_shared(
+        self, state: RunState, rows: int, seq: int, total: int, first_row: int = 0
+    ) -> np.ndarray:
+        """Shared-KV graphs: run rows ``first_row .. first_row + rows`` on packed [rows, seq]
+        inputs and the mask's first ``total`` columns (right-padded: each row's valid tokens
+        from position 0); the graph writes each row's new KV at its own length, in place.
+
+        Returns the last position's logits, [rows, V] float32, a view of ``state.logits``.
+        """
+        if first_row + rows > state.batch or total > state.max_length:
+            raise ValueError(
+                f"rows {first_row}..{first_row + rows} x {total} positions exceed the RunState "
+                f"({state.batch} x {state.max_length})"
+            )
+        spec, b = self.spec, state.binding
+        b.clear_binding_outputs()
+        b.bind_input("input_ids", "cpu", 0, _INT64, [rows, seq], state.input_ids.ctypes.data)
+        b.bind_input("position_ids", "cpu", 0, _INT64, [rows, seq], state.position_ids.ctypes.data)
+        mask = state.mask_packed[: rows * total].reshape(rows, total)  # [rows, total]
+        np.copyto(mask, state.mask[first_row : first_row + rows, :total])
+        b.bind_input("attention_mask", "cpu", 0, _INT64, [rows, total], mask.ctypes.data)
+        b.bind_input("logits_to_keep", "cpu", 0, _INT64, [], state.logits_to_keep.ctypes.data)
+        b.bind_output(
+            "logits", "cpu", 0, _FLOAT32, [rows, 1, spec.vocab_size], state.logits.ctypes.data
+        )
+        heads, dim, length = spec.num_kv_heads, spec.head_dim, state.max_length
+        shape, offset = (rows, heads, length, dim), first_row * heads * length * dim
+        for (past_name, present_name), buffer in zip(self.kv_names, state.past, strict=True):
+            buffer.bind_input(b, past_name, shape, offset)
+            buffer.bind_output(b, present_name, shape, offset)
+        self.session.run_with_iobinding(b)
+        state.past_length = max(state.past_length, total)
+        return state.logits[: rows * spec.vocab_size].reshape(rows, spec.vocab_size)
 
     def forward(self, state: RunState, rows: int, seq: int) -> np.ndarray:
         """Run the graph on ``state.input_ids`` / ``position_ids`` as packed [rows, seq], the
@@ -315,6 +369,10 @@ def _open_session(path: Path, provider: str, threads: int | None) -> ort.Inferen
     options = ort.SessionOptions()
     # Errors only: ORT warns on every load that the overridable logits_to_keep is not a constant.
     options.log_severity_level = 3
+    # Prepacking copies every constant MatMul/Gemm weight into MLAS's packed layout: a second
+    # copy of the tied 262k x hidden embedding, and, measured on Gemma 3 270M, slower one-token
+    # decode (tools/benchmark.py). Weights stay where ORT loaded them.
+    options.add_session_config_entry("session.disable_prepacking", "1")
     if threads is not None:
         options.intra_op_num_threads = threads
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider == "cuda" else [])
