@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from gemma_onnx.builder.config import Gemma3Config
 from gemma_onnx.builder.graph import build_graph
+from gemma_onnx.builder.quantize import QuantConfig
 from gemma_onnx.builder.weights import find_safetensors, load_checkpoint
 from gemma_onnx.errors import GemmaOnnxError
 
@@ -119,6 +120,7 @@ def build_model(
     target: str = "portable",
     overwrite: bool = False,
     progress: bool = False,
+    quant: QuantConfig | None = None,
 ) -> Path:
     """Builds a model folder (model.onnx + model.onnx_data, config, generation config, tokenizer).
 
@@ -136,7 +138,7 @@ def build_model(
     config = Gemma3Config.from_file(config_path)
     config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")))
     checkpoint = load_checkpoint(weights, config)
-    model = build_graph(config, checkpoint, precision, target)
+    model = build_graph(config, checkpoint, precision, target, quant)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))

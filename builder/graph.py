@@ -15,6 +15,7 @@ Initializers carry HF module paths. Linear weights are stored transposed (``[in,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import ml_dtypes
@@ -23,6 +24,7 @@ import onnx_ir as ir
 
 from gemma_onnx.builder.config import FULL, SLIDING, Gemma3Config
 from gemma_onnx.builder.functions import DOMAIN, function_protos
+from gemma_onnx.builder.quantize import BITS, QuantConfig
 from gemma_onnx.builder.weights import Checkpoint
 from gemma_onnx.errors import GemmaOnnxError
 
@@ -94,12 +96,26 @@ class _WeightConverter:
 class DecoderGraph:
     """Builds the graph; one method per architectural piece, called top-down by :meth:`build`."""
 
-    def __init__(self, config: Gemma3Config, checkpoint: Checkpoint, precision: str = "fp32"):
-        if precision not in PRECISIONS:
+    def __init__(
+        self,
+        config: Gemma3Config,
+        checkpoint: Checkpoint,
+        precision: str = "fp32",
+        quant: QuantConfig | None = None,
+    ):
+        if precision not in (*PRECISIONS, *BITS):
             raise GemmaOnnxError(
-                f"precision {precision!r} is not supported; choose from {', '.join(PRECISIONS)}"
+                f"precision {precision!r} is not supported; choose from "
+                f"{', '.join([*PRECISIONS, *BITS])}"
             )
         self.config = config
+        # int4/int8 quantize the weights only: activations, KV and norms stay float32.
+        self.quant = None
+        if precision in BITS:
+            self.quant = quant or QuantConfig(bits=BITS[precision])
+            if self.quant.bits != BITS[precision]:
+                raise GemmaOnnxError(f"precision {precision} needs {BITS[precision]}-bit weights")
+            precision = "fp32"
         self.ir_dtype, self.np_dtype = PRECISIONS[precision]
         self.weights = _WeightConverter(checkpoint, self.np_dtype)
         self.tape = ir.tape.Tape()
@@ -221,7 +237,16 @@ class DecoderGraph:
         """kv_cache: 'concat' = present is past + new (a new, longer tensor every step);
         padding: where attention_mask puts the 0s of a shorter row."""
         return {"gemma_onnx.target": "portable", "gemma_onnx.kv_cache": "concat",
-                "gemma_onnx.padding": "left"}  # fmt: skip
+                "gemma_onnx.padding": "left", **self.session_metadata()}  # fmt: skip
+
+    def session_metadata(self) -> dict[str, str]:
+        """ORT session config entries this graph runs best with, as JSON. Prepacking copies
+        every constant MatMul/Gemm weight into MLAS's packed layout: a second copy of the tied
+        [vocab, hidden] table, and slower one-token decode on Gemma 3 270M (tools/benchmark.py).
+        MatMulNBits, on the contrary, needs its weights prepacked to run its fast kernels."""
+        prepack = self.quant is not None
+        entries = {"session.disable_prepacking": "0" if prepack else "1"}
+        return {"gemma_onnx.session_config": json.dumps(entries)}
 
     def past_sequence_dim(self) -> str:
         return "past_sequence_length"
@@ -394,6 +419,14 @@ class DecoderGraph:
         ]
         return self.fn("GeluTanhMLP", [hidden, *weights], module)
 
+    def head_scores(self, flat: ir.Value) -> ir.Value:
+        """[rows, E] -> [rows, V]; the tied head reads the embedding table through
+        Gemm(transB=1): one [V, E] matrix in the file and in memory."""
+        if self.config.tie_word_embeddings:
+            table = self.weight("model.embed_tokens.weight", "embed")
+            return self.op("Gemm", [flat, table], "lm_head", transB=1)
+        return self.op("MatMul", [flat, self.weight("lm_head.weight", "linear")], "lm_head")
+
     def lm_head(
         self, hidden: ir.Value, logits_to_keep: ir.Value, final_norm: bool = True
     ) -> ir.Value:
@@ -430,11 +463,7 @@ class DecoderGraph:
             [hidden, self.const("shape.rows", np.array([-1, cfg.hidden_size], dtype=np.int64))],
             "lm_head.flatten",
         )
-        if cfg.tie_word_embeddings:
-            table = self.weight("model.embed_tokens.weight", "embed")
-            scores = self.op("Gemm", [flat, table], "lm_head", transB=1)
-        else:
-            scores = self.op("MatMul", [flat, self.weight("lm_head.weight", "linear")], "lm_head")
+        scores = self.head_scores(flat)  # [rows, V]
         if self.ir_dtype != ir.DataType.FLOAT:
             scores = self.op("Cast", [scores], "lm_head.to_float", to=ir.DataType.FLOAT)
         if cfg.final_logit_softcapping:
@@ -465,11 +494,20 @@ class DecoderGraph:
 
 
 def build_graph(
-    config: Gemma3Config, checkpoint: Checkpoint, precision: str = "fp32", target: str = "portable"
+    config: Gemma3Config,
+    checkpoint: Checkpoint,
+    precision: str = "fp32",
+    target: str = "portable",
+    quant: QuantConfig | None = None,
 ) -> ir.Model:
     """The decoder as an in-memory ONNX model whose weights load lazily at save time."""
     if target == "ort":
         from gemma_onnx.builder.graph_ort import OrtDecoderGraph
 
-        return OrtDecoderGraph(config, checkpoint, precision).build()
-    return DecoderGraph(config, checkpoint, precision).build()
+        return OrtDecoderGraph(config, checkpoint, precision, quant).build()
+    if precision in BITS:
+        raise GemmaOnnxError(
+            f"precision {precision} needs --target ort for now; the portable target is "
+            "fp32/fp16/bf16"
+        )
+    return DecoderGraph(config, checkpoint, precision, quant).build()

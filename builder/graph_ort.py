@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from gemma_onnx.builder.config import SLIDING
 from gemma_onnx.builder.graph import DecoderGraph
+from gemma_onnx.builder.quantize import SharedComputation, matmul_nbits
 
 MS_DOMAIN = "com.microsoft"
 
@@ -58,11 +59,106 @@ class OrtDecoderGraph(DecoderGraph):
         self._values[key] = value
         return value
 
+    # ---- int4 / int8 weights: MatMulNBits and GatherBlockQuantized -------------------------
+    def quantized(self, hf_names: tuple[str, ...], out_name: str, transpose: bool = True):
+        """MatMulNBits initializers (packed, scales[, zero_points]) for the [K, N] weight made
+        of the HF [out, in] tensors ``hf_names`` stacked along out (transposed to [in, out]);
+        with ``transpose=False`` the table itself is [N, K] (the tied embedding)."""
+        key = f"quantized:{out_name}"
+        if key in self._values:
+            return self._values[key]
+        shapes = [self.weights.shape(n) for n in hf_names]
+        n, k = sum(s[0] for s in shapes), shapes[0][1]
+        quant = self.quant
+
+        def compute():
+            arrays = [self.weights.read(name) for name in hf_names]
+            table = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]  # [N, K]
+            return matmul_nbits(table.T, quant)
+
+        blocks = k // quant.block_size
+        layout = {
+            "packed": (ir.DataType.UINT8, (n, blocks, quant.block_size * quant.bits // 8)),
+            "scales": (ir.DataType.FLOAT, (n, blocks)),
+        }
+        if not quant.symmetric:
+            layout["zero_points"] = (ir.DataType.UINT8, (n, (blocks * quant.bits + 7) // 8))
+        shared = SharedComputation(compute, set(layout))
+        values = {}
+        for part, (dtype, shape) in layout.items():
+            name = f"{out_name}.{part}"
+
+            def load(part=part, name=name):
+                return ir.Tensor(shared.take(part), name=name)
+
+            lazy = ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
+            values[part] = self.tape.initializer(lazy, name=name)
+        result = (values, k, n)
+        self._values[key] = result
+        return result
+
+    def matmul_nbits(self, x: ir.Value, quantized, name: str) -> ir.Value:
+        values, k, n = quantized
+        inputs = [x, values["packed"], values["scales"]]
+        if "zero_points" in values:
+            inputs.append(values["zero_points"])
+        attributes = {"K": k, "N": n, "bits": self.quant.bits, "block_size": self.quant.block_size}
+        if self.quant.accuracy_level:
+            attributes["accuracy_level"] = self.quant.accuracy_level
+        return self.op("MatMulNBits", inputs, name, domain=MS_DOMAIN, **attributes)
+
+    def linear(self, x: ir.Value, module: str) -> ir.Value:
+        if self.quant is None:
+            return super().linear(x, module)
+        weights = self.quantized((f"{module}.weight",), f"{module}.weight")
+        y = self.matmul_nbits(x, weights, module)
+        if self.config.attention_bias and f"{module}.bias" in self.weights.tensors:
+            y = self.op("Add", [y, self.weight(f"{module}.bias", "bias")], f"{module}.bias_add")
+        return y
+
+    def embed(self, input_ids: ir.Value) -> ir.Value:
+        """Quantized: GatherBlockQuantized over the same packed table the LM head multiplies
+        by (a Reshape views MatMulNBits' [V, K / block, bytes] as [V, K * bits / 8])."""
+        if self.quant is None:
+            return super().embed(input_ids)
+        values, k, n = self.quantized(("model.embed_tokens.weight",), "model.embed_tokens.weight")
+        rows_shape = self.const(
+            "shape.embed_packed", np.array([n, k * self.quant.bits // 8], np.int64)
+        )
+        table = self.op("Reshape", [values["packed"], rows_shape], "model.embed_tokens.rows")
+        inputs = [table, input_ids, values["scales"]]
+        if "zero_points" in values:
+            inputs.append(values["zero_points"])
+        rows = self.op(
+            "GatherBlockQuantized", inputs, "model.embed_tokens", domain=MS_DOMAIN,
+            bits=self.quant.bits, block_size=self.quant.block_size, gather_axis=0,
+            quantize_axis=1,
+        )  # fmt: skip
+        scale = self.const(
+            "model.embed_tokens.embed_scale", np.array(self.config.embed_scale, dtype=np.float32)
+        )
+        return self.op("Mul", [rows, scale], "model.embed_tokens.scale")
+
+    def head_scores(self, flat: ir.Value) -> ir.Value:
+        if self.quant is None:
+            return super().head_scores(flat)
+        if self.config.tie_word_embeddings:
+            table = ("model.embed_tokens.weight",)
+            return self.matmul_nbits(flat, self.quantized(table, table[0]), "lm_head")
+        return self.matmul_nbits(flat, self.quantized(("lm_head.weight",), "lm_head.weight"),
+                                 "lm_head")  # fmt: skip
+
     def project(self, x: ir.Value, module: str, projections: tuple[str, ...], name: str):
         """x @ [W_a | W_b | ...] (+ biases), one MatMul for several HF projections."""
         if len(projections) == 1:
             return self.linear(x, f"{module}.{projections[0]}")
-        y = self.op("MatMul", [x, self.fused_linear_weight(module, projections)], name)
+        if self.quant is not None:
+            names = tuple(f"{module}.{p}.weight" for p in projections)
+            fused = "_".join(p.removesuffix("_proj") for p in projections)
+            weights = self.quantized(names, f"{module}.{fused}_proj.weight")
+            y = self.matmul_nbits(x, weights, name)
+        else:
+            y = self.op("MatMul", [x, self.fused_linear_weight(module, projections)], name)
         if self.config.attention_bias and f"{module}.{projections[0]}.bias" in self.weights.tensors:
             biases = [self.weight(f"{module}.{p}.bias", "bias") for p in projections]
             bias = self.op("Concat", biases, f"{name}.bias", axis=0)
@@ -109,7 +205,7 @@ class OrtDecoderGraph(DecoderGraph):
         """kv_cache 'shared': past and present are one [B, H, max_sequence_length, D] buffer per
         tensor, bound to both; padding 'right': each row's tokens start at position 0."""
         return {"gemma_onnx.target": "ort", "gemma_onnx.kv_cache": "shared",
-                "gemma_onnx.padding": "right"}  # fmt: skip
+                "gemma_onnx.padding": "right", **self.session_metadata()}  # fmt: skip
 
     def past_sequence_dim(self) -> str:
         return "max_sequence_length"

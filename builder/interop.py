@@ -10,6 +10,7 @@ Everything here works from the JSON the builder has already written (``config.js
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,70 @@ def write_genai_config(folder: Path, config_json: dict, generation: dict) -> Non
     """Writes ``genai_config.json`` for the model file at the top of ``folder``."""
     config = genai_config(config_json, generation)
     (Path(folder) / GENAI_CONFIG_FILE).write_text(json.dumps(config, indent=4) + "\n")
+
+
+# transformers.js names a model file by the dtype it holds (``dtype: "fp16"`` loads
+# ``model_fp16.onnx``); it has no bf16 dtype, and ONNX Runtime Web has no bf16 kernels.
+_TRANSFORMERS_JS_DTYPES = {1: "fp32", 10: "fp16"}  # ONNX element type -> transformers.js dtype
+_TRANSFORMERS_JS_SUFFIX = {"fp32": "", "fp16": "_fp16"}
+
+
+def _kv_elem_type(model) -> int:
+    """ONNX element type of the first past key input: the dtype the whole graph computes in."""
+    for value in model.graph.input:
+        if value.name.startswith("past_key_values."):
+            return value.type.tensor_type.elem_type
+    raise GemmaOnnxError(f"{MODEL_FILE}: no past_key_values inputs; not a gemma-onnx model")
+
+
+def write_transformers_js_layout(folder: Path) -> None:
+    """Moves a built folder's model into transformers.js's layout, in place.
+
+    transformers.js looks for ``onnx/model{suffix}.onnx`` (suffix ``""`` for fp32, ``"_fp16"``
+    for fp16) and, in the browser, fetches external data only when ``config.json`` says so under
+    ``transformers.js_config.use_external_data_format``; the data file must then be called
+    ``model{suffix}.onnx_data``, and the ``location`` recorded in the graph must match it, since
+    ONNX Runtime Web maps fetched files to tensors by that name. ``transformers.js_config.dtype``
+    makes the right file the default, so callers need no options. ``genai_config.json``, if
+    present, is pointed at the moved file; optimum finds ``onnx/*.onnx`` on its own.
+    """
+    import onnx  # the builder's own dependency; imported here as only this function needs it
+
+    folder = Path(folder)
+    model_path = folder / MODEL_FILE
+    if not model_path.is_file():
+        raise GemmaOnnxError(f"{model_path}: not found; build the model first")
+    model = onnx.load(str(model_path), load_external_data=False)
+    elem_type = _kv_elem_type(model)
+    if elem_type not in _TRANSFORMERS_JS_DTYPES:
+        raise GemmaOnnxError(
+            f"{model_path}: transformers.js runs fp32 and fp16 models only "
+            f"(this one is {onnx.TensorProto.DataType.Name(elem_type).lower()})"
+        )
+    dtype = _TRANSFORMERS_JS_DTYPES[elem_type]
+    stem = "model" + _TRANSFORMERS_JS_SUFFIX[dtype]
+    name, data_name = f"{stem}.onnx", f"{stem}.onnx_data"
+
+    target = folder / TRANSFORMERS_JS_SUBFOLDER
+    target.mkdir(exist_ok=True)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    os.replace(folder / DATA_FILE, target / data_name)
+    onnx.save(model, str(target / name))
+    model_path.unlink()
+
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["transformers.js_config"] = {
+        "dtype": dtype,
+        "use_external_data_format": {name: 1},
+    }
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+    genai_path = folder / GENAI_CONFIG_FILE
+    if genai_path.is_file():
+        genai = json.loads(genai_path.read_text(encoding="utf-8"))
+        genai["model"]["decoder"]["filename"] = f"{TRANSFORMERS_JS_SUBFOLDER}/{name}"
+        genai_path.write_text(json.dumps(genai, indent=4) + "\n")

