@@ -41,6 +41,10 @@ _REQUIRED = (
     "num_key_value_heads",
 )
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
+# Sanity bounds, far above any Gemma (27b: 62 layers, vocab 262208): a size past them is a typo,
+# and would otherwise hang building a billion-entry layer list or overflow ORT's int32 indexing.
+_MAX_LAYERS = 10_000
+_MAX_DIM = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ class Gemma3Config:
             raise GemmaOnnxError(f"{path}: config.json not found") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise GemmaOnnxError(f"{path}: not a readable JSON config ({exc})") from None
+        except RecursionError:
+            raise GemmaOnnxError(f"{path}: JSON nested too deeply to be a config") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
@@ -117,10 +123,15 @@ class Gemma3Config:
             text = raw
             architecture = "Gemma3ForCausalLM"
         else:
-            found = model_type or (architectures[0] if architectures else "nothing")
+            if model_type is not None:
+                found = f"model_type {model_type!r}"
+            elif architectures:
+                found = f"no model_type, architectures {architectures!r}"
+            else:
+                found = "no model_type or architectures"
             raise GemmaOnnxError(
-                f"{source}: not a Gemma 3 model (model_type {found!r}); "
-                "expected 'gemma3_text' (Gemma3ForCausalLM) or 'gemma3' "
+                f"{source}: not a Gemma 3 model ({found}); "
+                "expected model_type 'gemma3_text' (Gemma3ForCausalLM) or 'gemma3' "
                 "(Gemma3ForConditionalGeneration)"
             )
         return _parse_text_config(text, architecture, source)
@@ -136,6 +147,9 @@ def _field(text: dict, name: str, source: str, kind: type | tuple, positive: boo
         raise GemmaOnnxError(f"{source}: field {name!r} must be positive, found {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise GemmaOnnxError(f"{source}: field {name!r} must be finite, found {value!r}")
+    limit = _MAX_LAYERS if name == "num_hidden_layers" else _MAX_DIM
+    if isinstance(value, int) and value > limit:
+        raise GemmaOnnxError(f"{source}: field {name!r} is implausibly large: {value}")
     return value
 
 
@@ -187,13 +201,13 @@ def _rope_params(text: dict, source: str) -> dict[str, RopeParams]:
             raise GemmaOnnxError(f"{source}: rope parameters for {layer_type} must be an object")
         rope_type = entry.get("rope_type", entry.get("type", "default"))
         theta = entry.get("rope_theta", defaults[layer_type])
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        if not _positive_number(theta):
             raise GemmaOnnxError(f"{source}: rope_theta for {layer_type} is invalid: {theta!r}")
         if rope_type == "default":
             factor = 1.0
         elif rope_type == "linear":
             factor = entry.get("factor")
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            if not _positive_number(factor):
                 raise GemmaOnnxError(
                     f"{source}: linear RoPE scaling for {layer_type} needs a positive 'factor', "
                     f"found {factor!r}"
@@ -205,6 +219,17 @@ def _rope_params(text: dict, source: str) -> dict[str, RopeParams]:
             )
         result[layer_type] = RopeParams(theta=float(theta), factor=float(factor))
     return result
+
+
+def _positive_number(value: Any) -> bool:
+    """A finite number > 0 that fits a float (not a bool, which JSON true would give)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond 1.8e308
+        return False
+    return math.isfinite(value) and value > 0
 
 
 def _parse_text_config(text: dict, architecture: str, source: str) -> Gemma3Config:

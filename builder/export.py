@@ -4,11 +4,19 @@ The folder is assembled in a temporary directory beside the output and renamed i
 when complete, so an interrupted or failed build (Ctrl-C, kill, a full disk, a bad tensor found
 mid-write) leaves nothing at the output path. An existing output is replaced only with
 ``overwrite=True``.
+
+Ctrl-C and errors remove the temporary directory on the way out; SIGKILL or a power cut cannot,
+so the next build to the same output removes what a dead build left. A live build holds an flock
+on its temporary directory, which the kernel drops when the process dies however it dies: a
+directory that can be locked is stale, and a concurrent build's is never touched.
 """
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,13 +26,18 @@ import onnx_ir as ir
 
 from gemma_onnx.builder.config import Gemma3Config
 from gemma_onnx.builder.graph import build_graph
-from gemma_onnx.builder.quantize import QuantConfig
+from gemma_onnx.builder.interop import write_genai_config, write_transformers_js_layout
+from gemma_onnx.builder.quantize import BITS, QuantConfig
+from gemma_onnx.builder.report import write_quality_report
 from gemma_onnx.builder.weights import find_safetensors, load_checkpoint
 from gemma_onnx.errors import GemmaOnnxError
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"  # the external-data name optimum and transformers.js expect
 TARGETS = ("portable", "ort")
+LAYOUTS = ("default", "transformers.js")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -55,9 +68,12 @@ def _generation_config(source: Path, config_json: dict) -> dict:
     path = source / "generation_config.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            generation = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
             raise GemmaOnnxError(f"{path}: not a readable JSON file ({exc})") from None
+        if not isinstance(generation, dict):
+            raise GemmaOnnxError(f"{path}: expected a JSON object")
+        return generation
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
     return {k: config_json[k] for k in keys if config_json.get(k) is not None}
 
@@ -72,7 +88,12 @@ def _check_output(output: Path, source: Path, overwrite: bool) -> None:
 
 
 def _write_files(
-    model: ir.Model, staging: Path, source: Path, config_json: dict, progress: bool
+    model: ir.Model,
+    staging: Path,
+    source: Path,
+    config_json: dict,
+    generation: dict,
+    progress: bool,
 ) -> None:
     callback = None
     bar = None
@@ -93,11 +114,46 @@ def _write_files(
         if bar is not None:
             bar.close()
     (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-    generation = _generation_config(source, config_json)
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, staging / name)
+
+
+def _staging_prefix(output: Path) -> str:
+    return f".{output.name}.tmp-"
+
+
+def _try_lock(folder: Path) -> int | None:
+    """An exclusive flock on ``folder``, held until the descriptor closes or the process dies;
+    None when another process holds it, the folder vanished, or the filesystem has no flock
+    (then no folder ever counts as stale: nothing is removed)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_stale_staging(output: Path) -> None:
+    """Remove the temporary folders that killed builds left beside ``output``."""
+    pattern = glob.escape(str(output.parent / _staging_prefix(output))) + "*"
+    for folder in map(Path, glob.glob(pattern)):
+        fd = _try_lock(folder)
+        if fd is None:  # a live build is writing it
+            continue
+        try:
+            shutil.rmtree(folder)
+            log.warning("removed %s, left by an interrupted build", folder)
+        except OSError as exc:
+            log.warning("could not remove %s, left by an interrupted build: %s", folder, exc)
+        finally:
+            os.close(fd)
 
 
 def _move_into_place(staging: Path, output: Path, overwrite: bool) -> None:
@@ -121,6 +177,7 @@ def build_model(
     overwrite: bool = False,
     progress: bool = False,
     quant: QuantConfig | None = None,
+    layout: str = "default",
 ) -> Path:
     """Builds a model folder (model.onnx + model.onnx_data, config, generation config, tokenizer).
 
@@ -131,28 +188,47 @@ def build_model(
         raise GemmaOnnxError(
             f"target {target!r} is not supported; choose from {', '.join(TARGETS)}"
         )
+    if layout not in LAYOUTS:
+        raise GemmaOnnxError(
+            f"layout {layout!r} is not supported; choose from {', '.join(LAYOUTS)}"
+        )
+    if layout == "transformers.js" and (target != "portable" or precision not in ("fp32", "fp16")):
+        raise GemmaOnnxError("--layout transformers.js needs --target portable and fp32 or fp16")
     weights, output = Path(weights), Path(output)
     _, source = find_safetensors(weights)
     _check_output(output, source, overwrite)
     config_path = source / "config.json"
     config = Gemma3Config.from_file(config_path)
     config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")))
+    generation = _generation_config(source, config_json)
     checkpoint = load_checkpoint(weights, config)
     model = build_graph(config, checkpoint, precision, target, quant)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    staging, lock = None, None
     try:
-        _write_files(model, staging, source, config_json, progress)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(output)
+        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output), dir=output.parent))
+        lock = _try_lock(staging)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is ordinary
+        _write_files(model, staging, source, config_json, generation, progress)
+        if precision in BITS:  # quantized: measure what it costs, on this very build
+            write_quality_report(staging, config, checkpoint)
+        if target == "portable":  # onnxruntime-genai reads the folder through this file
+            write_genai_config(staging, config_json, generation)
+        if layout == "transformers.js":
+            write_transformers_js_layout(staging)
         _move_into_place(staging, output, overwrite)
     except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""  # e.g. the file in the way
         raise GemmaOnnxError(
-            f"{output}: could not write the model ({exc.strerror or exc})"
+            f"{output}: could not write the model ({exc.strerror or exc}{where})"
         ) from exc
     finally:
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
     return output

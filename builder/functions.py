@@ -136,6 +136,15 @@ ALL_FUNCTIONS = (
 )
 
 
-def function_protos() -> list[onnx.FunctionProto]:
-    """The FunctionProtos a model using this domain must carry."""
-    return [fn.to_function_proto() for fn in ALL_FUNCTIONS]
+def function_protos(opset: int = 18) -> list[onnx.FunctionProto]:
+    """The FunctionProtos a model using this domain must carry, importing the model's default
+    opset (18, or 21 for block-quantized DequantizeLinear): the ops they use have the same
+    semantics in both, later versions only admit more types."""
+    protos = []
+    for fn in ALL_FUNCTIONS:
+        proto = fn.to_function_proto()
+        for entry in proto.opset_import:
+            if entry.domain == "":
+                entry.version = opset
+        protos.append(proto)
+    return protos

@@ -24,12 +24,15 @@ import onnx_ir as ir
 
 from gemma_onnx.builder.config import FULL, SLIDING, Gemma3Config
 from gemma_onnx.builder.functions import DOMAIN, function_protos
-from gemma_onnx.builder.quantize import BITS, QuantConfig
+from gemma_onnx.builder.quantize import BITS, QuantConfig, SharedComputation, qdq_weights
 from gemma_onnx.builder.weights import Checkpoint
 from gemma_onnx.errors import GemmaOnnxError
 
 OPSET = 18  # standard ops only; runs on ONNX Runtime 1.14+ (see README, "Opset")
 IR_VERSION = 8
+# Quantized portable builds: block-quantized DequantizeLinear and int4 types need opset 21 and
+# IR version 10 (ONNX Runtime 1.18+).
+QUANTIZED_OPSET, QUANTIZED_IR_VERSION = 21, 10
 
 PRECISIONS = {
     "fp32": (ir.DataType.FLOAT, np.dtype(np.float32)),
@@ -117,6 +120,10 @@ class DecoderGraph:
                 raise GemmaOnnxError(f"precision {precision} needs {BITS[precision]}-bit weights")
             precision = "fp32"
         self.ir_dtype, self.np_dtype = PRECISIONS[precision]
+        self.opset = OPSET if self.quant is None else QUANTIZED_OPSET
+        # The residual stream's dtype (see to_stream); bf16 has fp32's range.
+        fp16 = self.ir_dtype == ir.DataType.FLOAT16
+        self.stream_dtype = ir.DataType.FLOAT if fp16 else self.ir_dtype
         self.weights = _WeightConverter(checkpoint, self.np_dtype)
         self.tape = ir.tape.Tape()
         self._values: dict[str, ir.Value] = {}
@@ -217,18 +224,18 @@ class DecoderGraph:
             outputs=outputs,
             nodes=self.tape.nodes,
             initializers=self.tape.initializers,
-            opset_imports={"": OPSET, DOMAIN: 1, **(extra_opsets or {})},
+            opset_imports={"": self.opset, DOMAIN: 1, **(extra_opsets or {})},
             name="gemma3_text_decoder",
         )
         model = ir.Model(
             graph,
-            ir_version=IR_VERSION,
+            ir_version=IR_VERSION if self.opset == OPSET else QUANTIZED_IR_VERSION,
             producer_name="gemma-onnx",
             doc_string="Gemma 3 text decoder built by gemma-onnx from safetensors weights",
         )
         # What a runtime must know to feed the graph (read via InferenceSession.get_modelmeta).
         model.metadata_props.update(self.runtime_metadata())
-        for proto in function_protos():
+        for proto in function_protos(self.opset):
             function = ir.serde.deserialize_function(proto)
             model.functions[function.identifier()] = function
         return model
@@ -292,7 +299,20 @@ class DecoderGraph:
             "model.embed_tokens.embed_scale",
             np.array(self.config.embed_scale, dtype=np.float32).astype(self.np_dtype),
         )
-        return self.op("Mul", [rows, scale], "model.embed_tokens.scale")
+        return self.to_stream(self.op("Mul", [rows, scale], "model.embed_tokens.scale"))
+
+    def to_stream(self, x: ir.Value) -> ir.Value:
+        """Into the residual stream's dtype: float32 in fp16 builds, where Gemma 3's residual
+        stream outgrows fp16 (270M: 68,398 after layer 7 at <bos>, past fp16's 65,504)."""
+        if self.stream_dtype == self.ir_dtype:
+            return x
+        return self.op("Cast", [x], f"{x.name}.to_stream", to=self.stream_dtype)
+
+    def to_compute(self, x: ir.Value) -> ir.Value:
+        """Out of the residual stream, into the MatMuls' dtype."""
+        if self.stream_dtype == self.ir_dtype:
+            return x
+        return self.op("Cast", [x], f"{x.name}.to_compute", to=self.ir_dtype)
 
     def masks(self, attention_mask: ir.Value, input_ids: ir.Value) -> dict[str, ir.Value]:
         """One boolean [B, 1, S, T] mask per layer type, built once per forward pass."""
@@ -338,8 +358,57 @@ class DecoderGraph:
             epsilon=self.config.rms_norm_eps,
         )
 
+    def matmul_weight(self, hf_name: str) -> ir.Value:
+        """The [in, out] weight of a projection: an initializer, or, quantized, the output of a
+        block-quantized DequantizeLinear (opset 21) that ONNX Runtime fuses into MatMulNBits."""
+        if self.quant is None:
+            return self.weight(hf_name, "linear")
+        key = f"dequantized:{hf_name}"
+        if key not in self._values:
+            self._values[key] = self.dequantized(hf_name)
+        return self._values[key]
+
+    def dequantized(self, hf_name: str) -> ir.Value:
+        quant = self.quant
+        out, k = self.weights.shape(hf_name)
+        if k % quant.block_size:
+            raise GemmaOnnxError(
+                f"{hf_name}: input size {k} is not a multiple of --block-size {quant.block_size}"
+            )
+        blocks = k // quant.block_size
+        base = hf_name.removesuffix(".weight")
+        if quant.bits == 4:
+            qtype = ir.DataType.INT4 if quant.symmetric else ir.DataType.UINT4
+        else:
+            qtype = ir.DataType.INT8
+        layout = {"quantized": (qtype, (k, out)), "scales": (ir.DataType.FLOAT, (blocks, out))}
+        if quant.bits == 4 and not quant.symmetric:
+            layout["zero_points"] = (ir.DataType.UINT4, (blocks, out))
+        read = self.weights.read
+
+        def compute():
+            return qdq_weights(read(hf_name).T, quant)
+
+        shared = SharedComputation(compute, set(layout))
+        inputs = []
+        for part, (dtype, shape) in layout.items():
+            name = f"{base}.weight_t.{part}"
+
+            def load(part=part, name=name, dtype=dtype, shape=shape):
+                array = shared.take(part)
+                if dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+                    return ir.PackedTensor(array, dtype, shape=shape, name=name)
+                return ir.Tensor(array, name=name)
+
+            lazy = ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
+            inputs.append(self.tape.initializer(lazy, name=name))
+        return self.op(
+            "DequantizeLinear", inputs, f"{base}.dequantize", out=f"{base}.weight_t",
+            axis=0, block_size=quant.block_size,
+        )  # fmt: skip
+
     def linear(self, x: ir.Value, module: str) -> ir.Value:
-        y = self.op("MatMul", [x, self.weight(f"{module}.weight", "linear")], module)
+        y = self.op("MatMul", [x, self.matmul_weight(f"{module}.weight")], module)
         if self.config.attention_bias and f"{module}.bias" in self.weights.tensors:
             y = self.op("Add", [y, self.weight(f"{module}.bias", "bias")], f"{module}.bias_add")
         return y
@@ -365,14 +434,14 @@ class DecoderGraph:
         x += post_ff_norm(mlp(pre_ff_norm(x)))."""
         p = f"model.layers.{i}"
         residual = hidden
-        hidden = self.rms_norm(hidden, f"{p}.input_layernorm")
+        hidden = self.to_compute(self.rms_norm(hidden, f"{p}.input_layernorm"))
         hidden, present = self.attention(i, hidden, mask, cos_sin, past_key, past_value)
-        hidden = self.rms_norm(hidden, f"{p}.post_attention_layernorm")
+        hidden = self.rms_norm(self.to_stream(hidden), f"{p}.post_attention_layernorm")
         hidden = self.op("Add", [residual, hidden], f"{p}.attn_residual")
 
         residual = hidden
-        hidden = self.rms_norm(hidden, f"{p}.pre_feedforward_layernorm")
-        hidden = self.mlp(hidden, f"{p}.mlp")
+        hidden = self.to_compute(self.rms_norm(hidden, f"{p}.pre_feedforward_layernorm"))
+        hidden = self.to_stream(self.mlp(hidden, f"{p}.mlp"))
         hidden = self.rms_norm(hidden, f"{p}.post_feedforward_layernorm")
         hidden = self.op("Add", [residual, hidden], f"{p}.mlp_residual", out=f"{p}/output")
         return hidden, present
@@ -414,7 +483,7 @@ class DecoderGraph:
 
     def mlp(self, hidden: ir.Value, module: str) -> ir.Value:
         weights = [
-            self.weight(f"{module}.{proj}.weight", "linear")
+            self.matmul_weight(f"{module}.{proj}.weight")
             for proj in ("gate_proj", "up_proj", "down_proj")
         ]
         return self.fn("GeluTanhMLP", [hidden, *weights], module)
@@ -457,7 +526,7 @@ class DecoderGraph:
             ],
             "lm_head.keep",
         )  # [B, S', E]
-        hidden = self.rms_norm(kept, "model.norm") if final_norm else kept
+        hidden = self.to_compute(self.rms_norm(kept, "model.norm") if final_norm else kept)
         flat = self.op(
             "Reshape",
             [hidden, self.const("shape.rows", np.array([-1, cfg.hidden_size], dtype=np.int64))],
@@ -505,9 +574,4 @@ def build_graph(
         from gemma_onnx.builder.graph_ort import OrtDecoderGraph
 
         return OrtDecoderGraph(config, checkpoint, precision, quant).build()
-    if precision in BITS:
-        raise GemmaOnnxError(
-            f"precision {precision} needs --target ort for now; the portable target is "
-            "fp32/fp16/bf16"
-        )
     return DecoderGraph(config, checkpoint, precision, quant).build()

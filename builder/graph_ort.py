@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from gemma_onnx.builder.config import SLIDING
-from gemma_onnx.builder.graph import DecoderGraph
+from gemma_onnx.builder.graph import OPSET, DecoderGraph
 from gemma_onnx.builder.quantize import SharedComputation, matmul_nbits
 
 MS_DOMAIN = "com.microsoft"
@@ -37,6 +37,12 @@ MS_DOMAIN = "com.microsoft"
 
 class OrtDecoderGraph(DecoderGraph):
     """The decoder for ONNX Runtime's CPU and CUDA providers."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Quantized weights use com.microsoft's MatMulNBits here, not opset 21's
+        # DequantizeLinear; and ORT registers SimplifiedLayerNormalization up to opset 20.
+        self.opset = OPSET
 
     def fused_linear_weight(self, module: str, projections: tuple[str, ...]) -> ir.Value:
         """``[in, sum(out)]``: the transposed projection weights side by side, one MatMul."""
@@ -93,18 +99,18 @@ class OrtDecoderGraph(DecoderGraph):
 
             lazy = ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
             values[part] = self.tape.initializer(lazy, name=name)
-        result = (values, k, n)
+        result = (values, k, n, quant)
         self._values[key] = result
         return result
 
     def matmul_nbits(self, x: ir.Value, quantized, name: str) -> ir.Value:
-        values, k, n = quantized
+        values, k, n, quant = quantized
         inputs = [x, values["packed"], values["scales"]]
         if "zero_points" in values:
             inputs.append(values["zero_points"])
-        attributes = {"K": k, "N": n, "bits": self.quant.bits, "block_size": self.quant.block_size}
-        if self.quant.accuracy_level:
-            attributes["accuracy_level"] = self.quant.accuracy_level
+        attributes = {"K": k, "N": n, "bits": quant.bits, "block_size": quant.block_size}
+        if quant.accuracy_level:
+            attributes["accuracy_level"] = quant.accuracy_level
         return self.op("MatMulNBits", inputs, name, domain=MS_DOMAIN, **attributes)
 
     def linear(self, x: ir.Value, module: str) -> ir.Value:
@@ -121,17 +127,17 @@ class OrtDecoderGraph(DecoderGraph):
         by (a Reshape views MatMulNBits' [V, K / block, bytes] as [V, K * bits / 8])."""
         if self.quant is None:
             return super().embed(input_ids)
-        values, k, n = self.quantized(("model.embed_tokens.weight",), "model.embed_tokens.weight")
-        rows_shape = self.const(
-            "shape.embed_packed", np.array([n, k * self.quant.bits // 8], np.int64)
+        values, k, n, quant = self.quantized(
+            ("model.embed_tokens.weight",), "model.embed_tokens.weight"
         )
+        rows_shape = self.const("shape.embed_packed", np.array([n, k * quant.bits // 8], np.int64))
         table = self.op("Reshape", [values["packed"], rows_shape], "model.embed_tokens.rows")
         inputs = [table, input_ids, values["scales"]]
         if "zero_points" in values:
             inputs.append(values["zero_points"])
         rows = self.op(
             "GatherBlockQuantized", inputs, "model.embed_tokens", domain=MS_DOMAIN,
-            bits=self.quant.bits, block_size=self.quant.block_size, gather_axis=0,
+            bits=quant.bits, block_size=quant.block_size, gather_axis=0,
             quantize_axis=1,
         )  # fmt: skip
         scale = self.const(
@@ -249,15 +255,17 @@ class OrtDecoderGraph(DecoderGraph):
         """x += post_attn_norm(attn(normed)); normed = pre_ff_norm(x);
         x += post_ff_norm(mlp(normed)); normed = next_norm(x)."""
         p = f"model.layers.{i}"
-        attn = self.attention_gqa(
-            i, layer_type, normed, seqlens_k, total_length, cos_sin, past_key, past_value
-        )
-        attn_out, present = attn
-        attn_out = self.norm(attn_out, f"{p}.post_attention_layernorm")
+        # `normed` and `residual` are in the residual stream's dtype (float32 in fp16 builds).
+        attn_out, present = self.attention_gqa(
+            i, layer_type, self.to_compute(normed), seqlens_k, total_length, cos_sin, past_key,
+            past_value,
+        )  # fmt: skip
+        attn_out = self.norm(self.to_stream(attn_out), f"{p}.post_attention_layernorm")
         normed, residual = self.skip_norm(
             attn_out, residual, f"{p}.pre_feedforward_layernorm", f"{p}.attn_residual"
         )
-        mlp_out = self.norm(self.mlp_fused(normed, f"{p}.mlp"), f"{p}.post_feedforward_layernorm")
+        mlp_out = self.to_stream(self.mlp_fused(self.to_compute(normed), f"{p}.mlp"))
+        mlp_out = self.norm(mlp_out, f"{p}.post_feedforward_layernorm")
         normed, residual = self.skip_norm(mlp_out, residual, next_norm, f"{p}.mlp_residual")
         return normed, residual, present
 

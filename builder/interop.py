@@ -14,10 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from gemma_onnx.errors import GemmaOnnxError
 
 GENAI_CONFIG_FILE = "genai_config.json"
-MODEL_FILE = "model.onnx"
+MODEL_FILE = "model.onnx"  # the names export.py writes
 DATA_FILE = "model.onnx_data"
 TRANSFORMERS_JS_SUBFOLDER = "onnx"  # transformers.js's default `subfolder` option
 
@@ -31,7 +33,7 @@ def _token_ids(value: Any) -> list[int]:
     return list(values)
 
 
-def genai_config(config_json: dict, generation: dict, filename: str = MODEL_FILE) -> dict[str, Any]:
+def genai_config(config_json: dict, generation: dict) -> dict[str, Any]:
     """onnxruntime-genai's description of the portable graph (schema of genai 0.18's builder).
 
     - ``type`` is ``gemma3_text``, the model type genai's own builder writes for
@@ -42,22 +44,25 @@ def genai_config(config_json: dict, generation: dict, filename: str = MODEL_FILE
       a fresh ``present`` (shared buffers need a fixed-length, in-place KV graph).
     - eos ids come from generation_config first (Gemma 3 -it ends turns with 106 as well as 1).
     """
-    bos = generation.get("bos_token_id", config_json.get("bos_token_id"))
-    eos = _token_ids(generation.get("eos_token_id", config_json.get("eos_token_id")))
+
+    def token(name: str) -> list[int]:
+        return _token_ids(generation.get(name, config_json.get(name)))
+
+    bos, eos, pad = token("bos_token_id"), token("eos_token_id"), token("pad_token_id")
     if not eos:
         raise GemmaOnnxError("generation_config.json and config.json name no eos_token_id")
-    pad = generation.get("pad_token_id", config_json.get("pad_token_id"))
+    # HF Gemma3TextConfig's defaults, for configs that omit them.
     context = int(config_json.get("max_position_embeddings", 131_072))
     top_k = generation.get("top_k")
     top_p = generation.get("top_p")
     return {
         "model": {
-            "bos_token_id": bos,
+            "bos_token_id": bos[0] if bos else None,
             "context_length": context,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": filename,
-                "head_size": config_json.get("head_dim", 256),
+                "filename": MODEL_FILE,
+                "head_size": config_json.get("head_dim", 256),  # HF's default too
                 "hidden_size": config_json["hidden_size"],
                 "inputs": {
                     "input_ids": "input_ids",
@@ -76,7 +81,7 @@ def genai_config(config_json: dict, generation: dict, filename: str = MODEL_FILE
                 "num_key_value_heads": config_json["num_key_value_heads"],
             },
             "eos_token_id": eos,
-            "pad_token_id": pad if pad is not None else eos[0],
+            "pad_token_id": pad[0] if pad else eos[0],
             "type": "gemma3_text",
             "vocab_size": config_json["vocab_size"],
         },
@@ -111,7 +116,7 @@ _TRANSFORMERS_JS_DTYPES = {1: "fp32", 10: "fp16"}  # ONNX element type -> transf
 _TRANSFORMERS_JS_SUFFIX = {"fp32": "", "fp16": "_fp16"}
 
 
-def _kv_elem_type(model) -> int:
+def _kv_elem_type(model: onnx.ModelProto) -> int:
     """ONNX element type of the first past key input: the dtype the whole graph computes in."""
     for value in model.graph.input:
         if value.name.startswith("past_key_values."):
@@ -130,8 +135,6 @@ def write_transformers_js_layout(folder: Path) -> None:
     makes the right file the default, so callers need no options. ``genai_config.json``, if
     present, is pointed at the moved file; optimum finds ``onnx/*.onnx`` on its own.
     """
-    import onnx  # the builder's own dependency; imported here as only this function needs it
-
     folder = Path(folder)
     model_path = folder / MODEL_FILE
     if not model_path.is_file():

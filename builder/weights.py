@@ -119,6 +119,15 @@ def find_safetensors(path: Path) -> tuple[list[Path], Path]:
             shards = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise GemmaOnnxError(f"{index}: not a valid safetensors index ({exc!r})") from None
+        except RecursionError:
+            raise GemmaOnnxError(f"{index}: JSON nested too deeply to be an index") from None
+        # Shards sit beside the index (as HF writes them): a bare file name, nothing else.
+        odd = [s for s in shards if not isinstance(s, str) or not s or Path(s).name != s]
+        if odd or not shards:
+            raise GemmaOnnxError(
+                f"{index}: 'weight_map' must map tensor names to shard file names in "
+                f"{path}, found {odd[:3] if odd else 'no shards'}"
+            )
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise GemmaOnnxError(f"{index}: names missing shard file(s): {', '.join(missing)}")
@@ -144,6 +153,7 @@ def _open_file(path: Path) -> dict[str, ir.ExternalTensor]:
         (header_size,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(header_size))
     data_start = 8 + header_size
+    resolved = path.resolve()
     tensors = {}
     for name in names:
         entry = header[name]
@@ -154,13 +164,15 @@ def _open_file(path: Path) -> dict[str, ir.ExternalTensor]:
             )
         begin, end = entry["data_offsets"]
         tensors[name] = ir.ExternalTensor(
-            location=path.name,
+            # The resolved file: Hugging Face's hub cache links each snapshot file to a blob
+            # elsewhere, and onnx_ir refuses external data reached through such a link.
+            location=resolved.name,
             offset=data_start + begin,
             length=end - begin,
             dtype=SUPPORTED_DTYPES[dtypes[name]],
             shape=ir.Shape(entry["shape"]),
             name=name,
-            base_dir=str(path.parent),
+            base_dir=str(resolved.parent),
         )
     return tensors
 
@@ -189,9 +201,12 @@ def load_checkpoint(path: str | Path, config: Gemma3Config) -> Checkpoint:
     """Maps every decoder tensor and checks names and shapes against the config, all at once."""
     files, _ = find_safetensors(Path(path))
     tensors: dict[str, ir.ExternalTensor] = {}
+    duplicates = []
     for file in files:
         for name, tensor in _open_file(file).items():
             canonical = _canonical_name(name)
+            if canonical in tensors:  # in two shards, or under two checkpoint prefixes
+                duplicates.append(canonical)
             if canonical is not None:
                 tensors[canonical] = tensor
 
@@ -200,6 +215,9 @@ def load_checkpoint(path: str | Path, config: Gemma3Config) -> Checkpoint:
         # Tied checkpoints sometimes store the head anyway; it is the embedding, so it is unused.
         tensors.pop("lm_head.weight", None)
     problems = []
+    twice = sorted({name for name in duplicates if name in expected}, key=_sort_key)
+    if twice:
+        problems.append("stored twice: " + ", ".join(twice))
     missing = sorted(set(expected) - set(tensors), key=_sort_key)
     unexpected = sorted(set(tensors) - set(expected), key=_sort_key)
     if missing:

@@ -225,11 +225,16 @@ class Gemma:
 
     def _encode(self, prompt: Prompt, chat: bool, row: int) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:
+                # The tokenizer would turn "" into BOS alone: say so rather than ramble from it.
+                raise GemmaOnnxError(
+                    f"prompt {row} is empty text; to start from BOS alone, pass its token id"
+                )
             tokenizer = self._require_tokenizer("text prompts")
             return tokenizer.encode_chat(prompt) if chat else tokenizer.encode(prompt)
         if chat:
             raise GemmaOnnxError("chat needs a text prompt, not token ids")
-        ids = list(prompt)
+        ids = _as_list(prompt, f"prompt {row}")
         vocab = self.spec.vocab_size
         for position, token in enumerate(ids):
             if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
@@ -270,12 +275,28 @@ class Gemma:
 
 
 def _as_batch(prompt: Prompt | Sequence[Prompt]) -> tuple[bool, list[Prompt]]:
-    """(is a single prompt, prompts): text or a flat id list is one prompt, a list is a batch."""
+    """(is a single prompt, prompts): text or a flat id list is one prompt, a list is a batch.
+
+    A list holding any integer is one id list (a stray non-integer in it is then reported by
+    position), since a batch of bare integers means nothing.
+    """
     if isinstance(prompt, str):
         return True, [prompt]
-    items = list(prompt)
+    items = _as_list(prompt, "the prompt")
     if not items:
         raise GemmaOnnxError("no prompt given")
-    if all(isinstance(p, (int, np.integer)) for p in items):
+    if any(isinstance(p, (int, np.integer)) for p in items):
         return True, [items]
     return False, items
+
+
+def _as_list(prompt: object, what: str) -> list:
+    """``prompt`` as a list of items; bytes and non-iterables are refused by name."""
+    if isinstance(prompt, (bytes, bytearray)):
+        raise GemmaOnnxError(f"{what} is bytes; decode it to str, or pass a list of token ids")
+    try:
+        return list(prompt)
+    except TypeError:
+        raise GemmaOnnxError(
+            f"{what} must be text or a list of token ids, got {type(prompt).__name__}"
+        ) from None

@@ -6,7 +6,9 @@ exit 1; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -53,10 +55,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16", "bf16"]),
+    type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4"]),
     default="fp32",
     show_default=True,
-    help="Weight and activation dtype (norms, softmax and RoPE stay in fp32).",
+    help="fp32/fp16/bf16: weight and activation dtype (norms, softmax and RoPE stay fp32). "
+    "int8/int4: weight-only quantization (--target ort); the build measures and reports its "
+    "agreement with fp32.",
 )
 @click.option(
     "--target",
@@ -66,15 +70,63 @@ def main(ctx: click.Context, debug: bool) -> None:
     help="portable: standard ONNX ops and the optimum/transformers.js I/O contract. "
     "ort: ONNX Runtime's fused kernels and shared KV buffers, for gemma-onnx generate.",
 )
+@click.option(
+    "--block-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="int8/int4: weights per quantization scale (a power of two >= 16).",
+)
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=4,
+    show_default=True,
+    help="int8/int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU), 0 = fp32.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["default", "transformers.js"]),
+    default="default",
+    show_default=True,
+    help="transformers.js: the model goes in onnx/, named by dtype, where transformers.js "
+    "looks (optimum and onnxruntime-genai still load the folder).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-def build(weights: str, output: str, precision: str, target: str, overwrite: bool) -> None:
+def build(
+    weights: str,
+    output: str,
+    precision: str,
+    target: str,
+    block_size: int,
+    accuracy_level: int,
+    layout: str,
+    overwrite: bool,
+) -> None:
     """Build an ONNX model folder from Gemma 3 safetensors weights."""
     from gemma_onnx.builder import build_model
+    from gemma_onnx.builder.quantize import BITS, QuantConfig
 
+    quant = None
+    if precision in BITS:
+        quant = QuantConfig(
+            bits=BITS[precision], block_size=block_size, accuracy_level=accuracy_level
+        )
     result = build_model(
-        weights, output, precision=precision, target=target, overwrite=overwrite, progress=True
-    )
+        weights, output, precision=precision, target=target, overwrite=overwrite,
+        progress=True, quant=quant, layout=layout,
+    )  # fmt: skip
     click.echo(f"wrote {result}")
+    report = Path(result) / "quality.json"
+    if report.is_file():
+        quality = json.loads(report.read_text())
+        click.echo(
+            f"quality: top-1 agreement with the fp32 build {quality['top1_agreement']:.1%} over "
+            f"{quality['tokens']} held-out tokens (max logit diff "
+            f"{quality['max_abs_logit_diff']}); details in {report}"
+        )
+    elif quant is not None:
+        click.echo("quality: not measured (the source has no tokenizer.json)")
 
 
 def _register_generate() -> None:

@@ -70,7 +70,7 @@ def generate(
     # Check the options before loading anything, so a typo fails at once.
     SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     if prompt is None or prompt == "-":
-        prompt = sys.stdin.read().removesuffix("\n")
+        prompt = _read_stdin()
     if not prompt:
         raise GemmaOnnxError("the prompt is empty; pass PROMPT or pipe it on stdin")
     start = time.perf_counter()
@@ -97,6 +97,19 @@ def generate(
     click.echo()
     if stats:
         click.echo(_format_stats(stream.completion, load_seconds), err=True)
+
+
+def _read_stdin() -> str:
+    """The prompt piped on stdin, decoded as UTF-8 whatever the locale says (the tokenizer's
+    encoding), refused by byte offset when it is not."""
+    data = click.get_binary_stream("stdin").read()
+    try:
+        return data.decode("utf-8").removesuffix("\n")
+    except UnicodeDecodeError as exc:
+        raise GemmaOnnxError(
+            f"the prompt on stdin is not UTF-8 text (byte {data[exc.start]:#04x} at offset "
+            f"{exc.start}); convert it, e.g. with iconv -t UTF-8"
+        ) from None
 
 
 def _default_model() -> str:

@@ -47,6 +47,10 @@ def fit_context(
     """Check prompt + max_new_tokens against the context ``limit`` (the smaller of
     max_position_embeddings and the allocated max length); with ``truncate``, keep the end of a
     prompt that is too long (and its leading BOS, which Gemma needs), else refuse."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise GemmaOnnxError(
+            f"max_new_tokens (--max-new-tokens) must be an integer, got {max_new_tokens!r}"
+        )
     if max_new_tokens < 1:
         raise GemmaOnnxError(
             f"max_new_tokens (--max-new-tokens) must be >= 1, got {max_new_tokens}"

@@ -48,6 +48,12 @@ class SamplingConfig:
                 raise GemmaOnnxError(f"{name} must be {expected}, got {value!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
             raise GemmaOnnxError(f"top_k (--top-k) must be an integer, got {self.top_k!r}")
+        # numpy's generators take any non-negative integer as a seed, and nothing else.
+        seed = self.seed
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+        ):
+            raise GemmaOnnxError(f"seed (--seed) must be an integer >= 0, got {seed!r}")
 
     @property
     def greedy(self) -> bool:

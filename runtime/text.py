@@ -32,8 +32,10 @@ class TextTokenizer:
             self.config = json.loads(config_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             self.config = {}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise GemmaOnnxError(f"{config_path}: not readable JSON ({exc})") from None
+        if not isinstance(self.config, dict):
+            raise GemmaOnnxError(f"{config_path}: expected a JSON object")
         self.bos_token = _token_text(self.config.get("bos_token")) or "<bos>"
         self.eos_token = _token_text(self.config.get("eos_token")) or "<eos>"
         self.bos_token_id = self.tokenizer.token_to_id(self.bos_token)
@@ -47,6 +49,15 @@ class TextTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` a BOS leads, as Gemma expects."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # Python's surrogateescape hands undecodable argv/stdin bytes over as lone
+            # surrogates; tokenizers would reject them with a bare TypeError.
+            raise GemmaOnnxError(
+                f"the prompt is not valid text: {text[exc.start : exc.end]!r} at character "
+                f"{exc.start} (was it read from bytes that are not UTF-8?)"
+            ) from None
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         # Some exports put BOS in tokenizer_config (add_bos_token) rather than the post-processor.
         wants_bos = add_special_tokens and self.config.get("add_bos_token", False)

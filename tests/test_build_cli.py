@@ -52,6 +52,7 @@ def test_build_writes_a_complete_folder(source, tmp_path):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
+        "genai_config.json",
         "generation_config.json",
         "model.onnx",
         "model.onnx_data",

@@ -1,0 +1,127 @@
+"""Measured quality of a quantized build: teacher-forced top-1 agreement with the fp32 model.
+
+Both graphs run over the same held-out text (``data/heldout.txt``: original prose written for
+this purpose, ~600 tokens) in one forward pass each; at every position, the quantized model's
+most likely next token either equals the fp32 model's or not. The fraction that agree, and the
+largest logit difference, go into ``quality.json`` beside the model, so the number a user sees
+is measured on their build, not quoted.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from gemma_onnx.builder.config import Gemma3Config
+
+REPORT_FILE = "quality.json"
+
+
+def _session(model_dir: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
+    for prop in model.metadata_props:
+        if prop.key == "gemma_onnx.session_config":
+            for key, value in json.loads(prop.value).items():
+                options.add_session_config_entry(key, value)
+    return ort.InferenceSession(
+        str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+
+
+class _Forward:
+    """One ORT-target session run chunk by chunk over one row, its KV in numpy buffers."""
+
+    def __init__(self, model_dir: Path, config: Gemma3Config, total: int):
+        self.session = _session(model_dir)
+        shape = (1, config.num_key_value_heads, total, config.head_dim)
+        self.past = {
+            f"past_key_values.{i}.{kind}": np.zeros(shape, np.float32)
+            for i in range(config.num_hidden_layers)
+            for kind in ("key", "value")
+        }
+        self.outputs = ["logits"] + [n.replace("past_key_values", "present") for n in self.past]
+
+    def __call__(self, ids: np.ndarray, start: int, end: int) -> np.ndarray:
+        """Logits of positions start..end-1, [end - start, V], after the cached prefix."""
+        feed = {
+            "input_ids": ids[:, start:end],
+            "attention_mask": np.ones((1, end), np.int64),
+            "position_ids": np.arange(start, end, dtype=np.int64)[None],
+            "logits_to_keep": np.array(end - start, np.int64),
+            **self.past,
+        }
+        logits, *presents = self.session.run(self.outputs, feed)
+        self.past = dict(zip(self.past, presents, strict=True))
+        return logits[0]
+
+
+def heldout_ids(tokenizer_file: Path, vocab_size: int) -> np.ndarray | None:
+    """The held-out text as [1, T] ids with the model's own tokenizer (None without one)."""
+    if not tokenizer_file.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    text = resources.files("gemma_onnx.builder").joinpath("data/heldout.txt").read_text("utf-8")
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text).ids
+    if not ids or max(ids) >= vocab_size:
+        return None
+    return np.array([ids], dtype=np.int64)
+
+
+def measure_agreement(
+    quantized_dir: Path,
+    reference_dir: Path,
+    config: Gemma3Config,
+    ids: np.ndarray,
+    chunk: int = 128,
+) -> dict:
+    """Teacher-forced top-1 agreement of two ORT-target builds on ``ids``, in chunks of
+    ``chunk`` positions so no [T, vocab] logits matrix is ever held whole."""
+    total = ids.shape[1]
+    reference = _Forward(reference_dir, config, total)
+    quantized = _Forward(quantized_dir, config, total)
+    agree, max_diff = 0, 0.0
+    for start in range(0, total, chunk):
+        end = min(start + chunk, total)
+        expected, actual = reference(ids, start, end), quantized(ids, start, end)
+        agree += int((expected.argmax(-1) == actual.argmax(-1)).sum())
+        max_diff = max(max_diff, float(np.abs(expected - actual).max()))
+    return {
+        "metric": "teacher-forced top-1 agreement with the fp32 build",
+        "text": "gemma_onnx/builder/data/heldout.txt",
+        "tokens": int(total),
+        "top1_agreement": round(agree / total, 4),
+        "max_abs_logit_diff": round(max_diff, 4),
+    }
+
+
+def write_quality_report(folder: Path, config: Gemma3Config, checkpoint) -> dict | None:
+    """Builds the fp32 ORT-target reference inside ``folder`` (removed afterwards), measures
+    the quantized model in ``folder`` against it and writes ``quality.json``. None when the
+    folder has no tokenizer to read the held-out text with."""
+    import shutil
+
+    import onnx_ir as ir
+
+    from gemma_onnx.builder.graph import build_graph
+
+    ids = heldout_ids(folder / "tokenizer.json", config.vocab_size)
+    if ids is None:
+        return None
+    reference_dir = folder / ".fp32-reference"
+    reference_dir.mkdir()
+    try:
+        reference = build_graph(config, checkpoint, "fp32", "ort")
+        ir.save(reference, reference_dir / "model.onnx", external_data="model.onnx_data")
+        report = measure_agreement(folder, reference_dir, config, ids)
+    finally:
+        shutil.rmtree(reference_dir, ignore_errors=True)
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report

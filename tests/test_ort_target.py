@@ -1,0 +1,164 @@
+"""The ORT target (--target ort) and quantized builds against HF transformers on tiny checkpoints.
+
+The ORT target lowers our functions to ONNX Runtime's fused kernels (GroupQueryAttention with
+shared KV buffers, SkipSimplifiedLayerNormalization, MatMulNBits...), so it is checked through
+our runtime, which binds those buffers, and directly through IO binding.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import assert_close, contract_feed, make_causal_lm, ort_session
+from gemma_onnx.api import Gemma
+from gemma_onnx.builder import build_model
+from gemma_onnx.builder.quantize import QuantConfig, dequantize_nbits, matmul_nbits
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny checkpoint whose sizes are multiples of the quantization block (32)."""
+    folder = tmp_path_factory.mktemp("ort_ckpt")
+    oracle = make_causal_lm(folder, seed=7, hidden_size=64, intermediate_size=128, head_dim=32)
+    return folder, oracle
+
+
+@pytest.fixture(scope="module")
+def ort_build(checkpoint, tmp_path_factory):
+    return build_model(checkpoint[0], tmp_path_factory.mktemp("ort") / "m", target="ort")
+
+
+def hf_greedy(oracle, prompt: list[int], new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = oracle.generate(
+            torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def shared_kv_logits(folder, ids: np.ndarray, max_length: int) -> np.ndarray:
+    """All-position logits through the ORT target's I/O: KV buffers of max length."""
+    session = ort_session(folder)
+    feed = contract_feed(session, ids)
+    for name in [n for n in feed if n.startswith("past_key_values.")]:
+        heads, dim = feed[name].shape[1], feed[name].shape[3]
+        feed[name] = np.zeros((ids.shape[0], heads, max_length, dim), np.float32)
+    feed["logits_to_keep"] = np.array(0, np.int64)
+    return session.run(["logits"], feed)[0]
+
+
+def test_ort_target_logits_match_hf(checkpoint, ort_build):
+    _, oracle = checkpoint
+    ids = np.random.default_rng(0).integers(3, 320, size=(1, 17))  # > sliding window 5
+    with torch.no_grad():
+        expected = oracle(torch.from_numpy(ids)).logits.numpy()
+    assert_close(shared_kv_logits(ort_build, ids, 32), expected, "tiny_fp32_logits")
+
+
+def test_ort_target_greedy_batch_and_rows_equal_hf(checkpoint, ort_build):
+    """Right-padded rows of different lengths: each equals HF greedy alone, batched or not."""
+    _, oracle = checkpoint
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 320, size=n).tolist() for n in (13, 6, 9)]
+    gemma = Gemma(ort_build)
+    assert gemma.session.shared_kv
+    expected = [hf_greedy(oracle, p, 16) for p in prompts]
+    assert [gemma.generate(p, max_new_tokens=16, ignore_eos=True).token_ids for p in prompts] == (
+        expected
+    )
+    batch = gemma.generate(prompts, max_new_tokens=16, ignore_eos=True)
+    assert [row.token_ids for row in batch] == expected
+
+
+def test_ort_target_uses_fused_kernels(ort_build):
+    model = onnx.load(str(ort_build / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "FastGelu"} <= ops
+    concatenated = [o for n in model.graph.node if n.op_type == "Concat" for o in n.output]
+    assert not [o for o in concatenated if o.startswith("present.")], "KV is written in place"
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["gemma_onnx.kv_cache"] == "shared"
+
+
+def test_matmul_nbits_packing_roundtrips():
+    """Our reading of onnxruntime's quantizer layout (used to share the tied table) is right:
+    dequantizing the packed parts gives back the weight to within half a step per block."""
+    rng = np.random.default_rng(2)
+    weight = rng.normal(size=(64, 48)).astype(np.float32)  # [K, N]
+    for config in (QuantConfig(bits=4), QuantConfig(bits=8), QuantConfig(bits=4, symmetric=True)):
+        parts = matmul_nbits(weight, config)
+        table = dequantize_nbits(parts, config)  # [N, K]
+        step = np.abs(parts["scales"]).repeat(config.block_size, axis=1)  # symmetric: may be < 0
+        # Rounding costs half a step; symmetric 4 bits also clip the far side at +7 of [-8, 7].
+        bound = 1.0 if config.symmetric and config.bits == 4 else 0.5
+        assert np.all(np.abs(table - weight.T) <= step * bound + 1e-6), config
+
+
+@pytest.mark.parametrize(
+    ("precision", "target"),
+    [("int4", "ort"), ("int8", "ort"), ("int4", "portable"), ("int8", "portable")],
+)
+def test_quantized_builds_run_and_agree(checkpoint, tmp_path, precision, target):
+    """Each quantized build runs through its I/O (plain ORT, optimizations off, for the portable
+    one) and follows HF's fp32 logits closely enough that most top-1 tokens agree."""
+    folder, oracle = checkpoint
+    out = build_model(folder, tmp_path / "q", target=target, precision=precision)
+    if target == "portable":  # standard ONNX (the ORT target uses ORT's own operators)
+        onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    ids = np.random.default_rng(3).integers(3, 320, size=(1, 24))
+    with torch.no_grad():
+        expected = oracle(torch.from_numpy(ids)).logits.numpy()
+    if target == "ort":
+        logits = shared_kv_logits(out, ids, 32)
+    else:
+        session = ort_session(out)
+        logits = session.run(["logits"], contract_feed(session, ids))[0]
+    agreement = (logits.argmax(-1) == expected.argmax(-1)).mean()
+    # Random tiny weights have no outliers to protect: 8 bits keep nearly every token, 4 bits
+    # most. Real-model agreement is measured by the build itself (quality.json).
+    assert agreement >= (0.9 if precision == "int8" else 0.6), agreement
+    assert np.isfinite(logits).all()
+
+
+def test_quantized_build_reports_measured_quality(checkpoint, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder, _ = checkpoint
+    source = tmp_path / "src"
+    source.mkdir()
+    for item in folder.iterdir():
+        (source / item.name).symlink_to(item)
+    vocab = {f"w{i}": i for i in range(320)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(source / "tokenizer.json"))
+    out = build_model(source, tmp_path / "q", target="ort", precision="int4")
+    report = json.loads((out / "quality.json").read_text())
+    assert report["tokens"] > 100
+    assert 0.0 <= report["top1_agreement"] <= 1.0
+    assert not (out / ".fp32-reference").exists()
+
+
+def test_fp16_residual_stream_stays_float32(checkpoint, tmp_path):
+    """fp16 builds keep the residual stream in float32 (real Gemma 3 270M's outgrows fp16's
+    65,504): the layer outputs are float32 and the logits follow HF fp32 closely."""
+    folder, oracle = checkpoint
+    out = build_model(folder, tmp_path / "fp16", precision="fp16")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    residual_adds = [n for n in model.graph.node if n.name.endswith(("_residual",))]
+    assert residual_adds
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    assert all(types.get(n.output[0]) == onnx.TensorProto.FLOAT for n in residual_adds)
+    session = ort_session(out)
+    ids = np.random.default_rng(4).integers(3, 320, size=(1, 17))
+    logits = session.run(["logits"], contract_feed(session, ids))[0]
+    with torch.no_grad():
+        expected = oracle(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(logits - expected).max() < 3e-2
