@@ -102,7 +102,7 @@ def generate(
 def _read_stdin() -> str:
     """The prompt piped on stdin, decoded as UTF-8 whatever the locale says (the tokenizer's
     encoding), refused by byte offset when it is not."""
-    data = click.get_binary_stream("stdin").read()
+    data = sys.stdin.buffer.read()
     try:
         return data.decode("utf-8").removesuffix("\n")
     except UnicodeDecodeError as exc:

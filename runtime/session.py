@@ -69,17 +69,33 @@ class ModelSpec:
             return None
 
         heads = number("num_attention_heads")
+        vocab_size = number("vocab_size")
+
+        def token_id(name: str, value: Any) -> int:
+            """A special token id must index the vocabulary (pad fills batch rows)."""
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not (0 <= value < vocab_size)
+            ):
+                raise GemmaOnnxError(
+                    f"{model_dir}: {name} {value!r} (generation_config.json or config.json) is "
+                    f"not a token id in [0, {vocab_size})"
+                )
+            return value
+
         eos = token("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        bos = token("bos_token_id")
         return cls(
             num_layers=number("num_hidden_layers"),
             num_kv_heads=number("num_key_value_heads"),
             head_dim=number("head_dim", text.get("hidden_size", 0) // heads),
-            vocab_size=number("vocab_size"),
+            vocab_size=vocab_size,
             max_position_embeddings=number("max_position_embeddings", _MAX_POSITIONS_DEFAULT),
-            eos_token_ids=tuple(int(i) for i in eos_ids),
-            bos_token_id=token("bos_token_id"),
-            pad_token_id=token("pad_token_id") or 0,
+            eos_token_ids=tuple(token_id("eos_token_id", i) for i in eos_ids),
+            bos_token_id=None if bos is None else token_id("bos_token_id", bos),
+            pad_token_id=token_id("pad_token_id", token("pad_token_id") or 0),
         )
 
 
@@ -92,6 +108,8 @@ def _read_json(path: Path, required: bool) -> dict:
         return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GemmaOnnxError(f"{path}: not readable JSON ({exc})") from None
+    except RecursionError:
+        raise GemmaOnnxError(f"{path}: JSON nested too deeply to be a config") from None
     if not isinstance(raw, dict):
         raise GemmaOnnxError(f"{path}: expected a JSON object")
     return raw
@@ -197,6 +215,8 @@ class Session:
 
     def __init__(self, model_dir: str | Path, provider: str = "cpu", threads: int | None = None):
         self.model_dir = Path(model_dir)
+        if self.model_dir.is_file():
+            raise GemmaOnnxError(f"{self.model_dir} is a file; pass the model folder that holds it")
         if not self.model_dir.is_dir():
             raise GemmaOnnxError(f"model folder {self.model_dir} does not exist")
         self.spec = ModelSpec.from_folder(self.model_dir)
@@ -223,7 +243,15 @@ class Session:
         expected_in = {"input_ids", "attention_mask", "position_ids", *(p for p, _ in kv_names)}
         expected_out = {"logits", *(p for _, p in kv_names)}
         inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
+        output_specs = {o.name: o for o in self.session.get_outputs()}
+        outputs = set(output_specs)
+        logits = output_specs.get("logits")
+        vocab = logits.shape[-1] if logits is not None and logits.shape else None
+        if isinstance(vocab, int) and vocab != spec.vocab_size:
+            raise GemmaOnnxError(
+                f"{path}: the graph's logits have {vocab} entries but config.json says "
+                f"vocab_size {spec.vocab_size}"
+            )
         missing = sorted(expected_in - inputs.keys()) + sorted(expected_out - outputs)
         if missing:
             raise GemmaOnnxError(
@@ -386,6 +414,7 @@ def _open_session(path: Path, provider: str, threads: int | None) -> ort.Inferen
         ) from None
     except (
         ort_state.Fail,
+        ort_state.InvalidArgument,
         ort_state.InvalidProtobuf,
         ort_state.InvalidGraph,
         ort_state.NoSuchFile,

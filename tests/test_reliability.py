@@ -5,9 +5,6 @@ line naming the problem and the file, tensor or option (a traceback only with ``
 a build must leave nothing at the output path and nothing beside it. Kills and Ctrl-C are real
 signals sent to a real ``gemma-onnx build`` process, paused at the moment under test.
 
-Cases the runtime does not answer cleanly yet xfail with the exact fix in ``runtime/session.py``
-as the reason; once fixed, the same test passes and checks the message.
-
 The checkpoint is written with numpy (no torch), big enough that every matrix goes to
 model.onnx_data, so a kill mid-write leaves a partly written data file behind.
 """
@@ -631,54 +628,40 @@ def test_broken_model_folder_fails_in_one_clear_line(case, model_copy):
     assert_clean_error(generate(model_copy, "--max-new-tokens", "2", "hello"), *fragments)
 
 
-LEAD_FIXES = {
+SESSION_CASES = {
     "empty model.onnx": (
         lambda model: (model / "model.onnx").write_bytes(b""),
-        "session.py _open_session: add ort_state.InvalidArgument to the caught ORT errors "
-        "(ORT says 'No graph was found in the protobuf')",
+        ["model.onnx: onnxruntime cannot load it"],
     ),
     "config.json vocab_size not the graph's": (
         _config_edit(vocab_size=300),
-        "session.py _check_io: compare the logits output's last dim (an int in the graph) with "
-        "spec.vocab_size and raise GemmaOnnxError naming both",
+        ["logits have 320 entries but config.json says vocab_size 300"],
     ),
     "generation_config eos id not an integer": (
         lambda model: (model / "generation_config.json").write_text('{"eos_token_id": [1, "a"]}'),
-        "session.py ModelSpec.from_folder: check eos/bos/pad ids are ints in [0, vocab_size) "
-        "and raise GemmaOnnxError naming the file and field; today int('a') raises ValueError",
+        ["eos_token_id 'a'", "not a token id in [0, 320)"],
+    ),
+    "generation_config pad id outside the vocabulary": (
+        lambda model: (model / "generation_config.json").write_text('{"pad_token_id": 99999}'),
+        ["pad_token_id 99999", "not a token id in [0, 320)"],
+    ),
+    "generation_config nested too deeply": (
+        lambda model: (model / "generation_config.json").write_text("[" * 100_000 + "]" * 100_000),
+        ["generation_config.json: JSON nested too deeply"],
     ),
 }
 
 
-@pytest.mark.parametrize("case", LEAD_FIXES)
-def test_broken_model_folder_cases_that_need_a_session_fix(case, model_copy):
-    damage, fix = LEAD_FIXES[case]
+@pytest.mark.parametrize("case", SESSION_CASES)
+def test_broken_model_folder_checked_by_the_session(case, model_copy):
+    damage, fragments = SESSION_CASES[case]
     damage(model_copy)
-    result = generate(model_copy, "--max-new-tokens", "2", "hello")
-    if not isinstance(result.exception, SystemExit):
-        pytest.xfail(f"{fix} ({type(result.exception).__name__} escapes)")
-    assert_clean_error(result)
-
-
-def test_pad_id_outside_the_vocabulary_needs_a_session_fix(model_copy):
-    (model_copy / "generation_config.json").write_text('{"pad_token_id": 99999}')
-    try:
-        Gemma(model_copy, threads=1).generate([[2, 7, 8], [2]], max_new_tokens=2)
-    except GemmaOnnxError as exc:
-        assert "pad_token_id" in str(exc)
-    except Exception:  # onnxruntime's Gather fails on the padded row
-        pytest.xfail("session.py ModelSpec.from_folder: refuse a pad_token_id outside the vocab")
-    else:
-        pytest.fail("a pad_token_id outside the vocabulary went unnoticed")
+    assert_clean_error(generate(model_copy, "--max-new-tokens", "2", "hello"), *fragments)
 
 
 def test_model_path_that_is_a_file_is_named_as_such(model_dir):
     result = generate(model_dir / "model.onnx", "hello")
-    assert_clean_error(result, "model.onnx")
-    if "does not exist" in result.stderr:
-        pytest.xfail(
-            "session.py Session.__init__: say '{dir} is not a folder' when it exists as a file"
-        )
+    assert_clean_error(result, "model.onnx is a file; pass the model folder that holds it")
 
 
 def test_prompt_longer_than_the_context_is_refused_with_the_limit(model_dir):

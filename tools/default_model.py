@@ -97,15 +97,18 @@ def _assemble(assemble: Callable[[Path], Path], folder: Path) -> None:
 
 
 def _build(hf_dir: Path, folder: Path, progress: bool) -> None:
+    """fp32 for fidelity (HF's greedy tokens), the ORT target for speed: fused kernels and KV
+    written in place (tools/benchmark.py)."""
     from gemma_onnx.builder import build_model
 
-    build_model(
-        hf_dir, folder, precision="fp32", target="portable", overwrite=False, progress=progress
-    )
+    build_model(hf_dir, folder, precision="fp32", target="ort", overwrite=False, progress=progress)
+
+
+BUILD_RECIPE = "fp32 --target ort"  # in the marker: a changed recipe rebuilds the cache
 
 
 def _marker(stage: str) -> dict[str, str]:
-    return {"stage": stage, "model": MODEL_NAME, "gemma_onnx": __version__}
+    return {"stage": stage, "model": MODEL_NAME, "gemma_onnx": __version__, "recipe": BUILD_RECIPE}
 
 
 def _is_done(folder: Path, stage: str) -> bool:
