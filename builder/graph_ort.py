@@ -66,10 +66,10 @@ class OrtDecoderGraph(DecoderGraph):
         return value
 
     # ---- int4 / int8 weights: MatMulNBits and GatherBlockQuantized -------------------------
-    def quantized(self, hf_names: tuple[str, ...], out_name: str, transpose: bool = True):
-        """MatMulNBits initializers (packed, scales[, zero_points]) for the [K, N] weight made
-        of the HF [out, in] tensors ``hf_names`` stacked along out (transposed to [in, out]);
-        with ``transpose=False`` the table itself is [N, K] (the tied embedding)."""
+    def quantized(self, hf_names: tuple[str, ...], out_name: str):
+        """MatMulNBits initializers (packed, scales[, zero_points]) for x @ W.T, where W is the
+        HF [out, in] tensors ``hf_names`` stacked along out: [N, K], which is also the layout
+        GatherBlockQuantized reads the tied embedding table in. Returns (values, K, N, config)."""
         key = f"quantized:{out_name}"
         if key in self._values:
             return self._values[key]

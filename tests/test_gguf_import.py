@@ -434,7 +434,7 @@ class _FakeStages:
     def build_model(self, weights, output, *, precision, target, overwrite, progress):
         self.calls.append("build")
         assert (Path(weights) / "config.json").is_file()
-        assert (precision, target, overwrite) == ("fp32", "portable", False)
+        assert (precision, target, overwrite) == ("fp32", "ort", False)
         Path(output).mkdir()
         (Path(output) / "model.onnx").write_bytes(b"onnx")
         return Path(output)
