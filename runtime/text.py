@@ -5,6 +5,7 @@ The generation loop sees token ids only; the CLI and the API use this module on 
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,15 @@ GEMMA_CHAT = "{bos}<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>mo
 _REPLACEMENT = "\ufffd"  # what a decoder prints for bytes that are not (yet) a whole character
 
 
+def _return_freed_heap() -> None:
+    """Hand freed heap pages back to the OS. Parsing Gemma's tokenizer.json (262k pieces,
+    515k merges) frees ~200 MB that glibc would otherwise keep mapped for the whole run."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator decides alone
+        pass
+
+
 class TextTokenizer:
     """``tokenizer.json`` (+ ``tokenizer_config.json``) of a model folder."""
 
@@ -27,6 +37,7 @@ class TextTokenizer:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
             raise GemmaOnnxError(f"{path}: cannot load the tokenizer ({exc})") from None
+        _return_freed_heap()
         config_path = model_dir / "tokenizer_config.json"
         try:
             self.config = json.loads(config_path.read_text(encoding="utf-8"))
