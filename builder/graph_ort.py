@@ -123,10 +123,23 @@ class OrtDecoderGraph(DecoderGraph):
         return y
 
     def embed(self, input_ids: ir.Value) -> ir.Value:
-        """Quantized: GatherBlockQuantized over the same packed table the LM head multiplies
+        """float: the tied table is stored once, transposed ([E, V]), because the LM head's
+        one-row MatMul over it runs faster than Gemm(transB=1) over [V, E] (MLAS' GEMV path;
+        tools/benchmark.py); the lookup then gathers columns, E strided reads per token.
+
+        Quantized: GatherBlockQuantized over the same packed table the LM head multiplies
         by (a Reshape views MatMulNBits' [V, K / block, bytes] as [V, K * bits / 8])."""
         if self.quant is None:
-            return super().embed(input_ids)
+            if not self.config.tie_word_embeddings:
+                return super().embed(input_ids)
+            table = self.weight("model.embed_tokens.weight", "linear")  # [E, V]
+            columns = self.op("Gather", [table, input_ids], "model.embed_tokens", axis=1)
+            rows = self.op("Transpose", [columns], "model.embed_tokens.rows", perm=[1, 2, 0])
+            scale = self.const(
+                "model.embed_tokens.embed_scale",
+                np.array(self.config.embed_scale, dtype=np.float32).astype(self.np_dtype),
+            )
+            return self.to_stream(self.op("Mul", [rows, scale], "model.embed_tokens.scale"))
         values, k, n, quant = self.quantized(
             ("model.embed_tokens.weight",), "model.embed_tokens.weight"
         )
@@ -147,6 +160,9 @@ class OrtDecoderGraph(DecoderGraph):
 
     def head_scores(self, flat: ir.Value) -> ir.Value:
         if self.quant is None:
+            if self.config.tie_word_embeddings:  # the [E, V] table embed() stored
+                table = self.weight("model.embed_tokens.weight", "linear")
+                return self.op("MatMul", [flat, table], "lm_head")
             return super().head_scores(flat)
         if self.config.tie_word_embeddings:
             table = ("model.embed_tokens.weight",)
