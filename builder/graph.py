@@ -28,7 +28,7 @@ from gemma_onnx.builder.quantize import BITS, QuantConfig, SharedComputation, qd
 from gemma_onnx.builder.weights import Checkpoint
 from gemma_onnx.errors import GemmaOnnxError
 
-OPSET = 18  # standard ops only; runs on ONNX Runtime 1.14+ (see README, "Opset")
+OPSET = 18  # standard ops only; checked on ONNX Runtime 1.15, 1.17 and 1.32 (README, "Opset")
 IR_VERSION = 8
 # Quantized portable builds: block-quantized DequantizeLinear and int4 types need opset 21 and
 # IR version 10 (ONNX Runtime 1.18+).
