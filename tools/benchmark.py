@@ -202,14 +202,15 @@ def probe(python: str, kind: str) -> dict[str, str] | None:
 
 
 def find_python(kind: str, given: str | None, work_dir: Path) -> tuple[str | None, dict, str]:
-    """(python, versions, where) for an engine kind: ``given``, else this interpreter, else
-    ``work_dir/venv-<kind>`` (where separate installs of genai and llama-cpp-python live)."""
+    """(python, versions, problem) for an engine kind: ``given``, else this interpreter, else
+    ``work_dir/venv-<kind>`` (where separate installs of genai and llama-cpp-python live);
+    python is None, and problem says why, when none has what the engine needs."""
     candidates = [given] if given else [sys.executable, str(work_dir / f"venv-{kind}/bin/python")]
     for python in candidates:
         if python and Path(python).exists():
             versions = probe(python, kind)
             if versions is not None:
-                return python, versions, python
+                return python, versions, ""
     tried = ", ".join(c for c in candidates if c)
     return None, {}, f"no Python with {', '.join(NEEDS[kind])} (tried {tried})"
 
@@ -597,8 +598,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--work-dir",
         type=Path,
-        default=Path("benchmark-work"),
-        help="cached builds, logs, results.json; also searched for venv-genai/ and venv-llama/",
+        help="cached builds, logs, results.json; also searched for venv-genai/ and venv-llama/ "
+        "(default: benchmark/ in the gemma-onnx cache, beside the default model)",
     )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=128)
@@ -638,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["_child"]:
         return child_main(Path(argv[1]))
     args = parse_args(argv)
+    if args.work_dir is None:
+        from gemma_onnx.tools.default_model import cache_home
+
+        args.work_dir = cache_home() / "benchmark"
     args.work_dir = args.work_dir.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_work_dir(args.work_dir)
@@ -668,9 +673,9 @@ def benchmark(args: argparse.Namespace) -> int:
         kind = _kind(name)
         if kind not in pythons:
             pythons[kind] = find_python(kind, given.get(kind), args.work_dir)
-        python, versions, where = pythons[kind]
+        python, versions, problem = pythons[kind]
         if python is None:
-            notes.append(f"{name} skipped: {where}")
+            notes.append(f"{name} skipped: {problem}")
             continue
         spec: dict[str, Any] = {"hf_dir": str(hf_dir)}
         if name in BUILD_ARGS:
