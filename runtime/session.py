@@ -304,6 +304,19 @@ class Session:
             seen=np.zeros((batch, spec.vocab_size), bool),
         )
 
+    def _bind_tokens(
+        self, state: RunState, rows: int, seq: int, total: int, first_row: int = 0
+    ) -> None:
+        """Bind input_ids / position_ids as packed [rows, seq] and the mask of rows
+        ``first_row ..`` as packed [rows, total]; forget the previous step's outputs."""
+        b = state.binding
+        b.clear_binding_outputs()
+        b.bind_input("input_ids", "cpu", 0, _INT64, [rows, seq], state.input_ids.ctypes.data)
+        b.bind_input("position_ids", "cpu", 0, _INT64, [rows, seq], state.position_ids.ctypes.data)
+        mask = state.mask_packed[: rows * total].reshape(rows, total)  # [rows, total]
+        np.copyto(mask, state.mask[first_row : first_row + rows, :total])
+        b.bind_input("attention_mask", "cpu", 0, _INT64, [rows, total], mask.ctypes.data)
+
     def forward_shared(
         self, state: RunState, rows: int, seq: int, total: int, first_row: int = 0
     ) -> np.ndarray:
@@ -319,12 +332,7 @@ class Session:
                 f"({state.batch} x {state.max_length})"
             )
         spec, b = self.spec, state.binding
-        b.clear_binding_outputs()
-        b.bind_input("input_ids", "cpu", 0, _INT64, [rows, seq], state.input_ids.ctypes.data)
-        b.bind_input("position_ids", "cpu", 0, _INT64, [rows, seq], state.position_ids.ctypes.data)
-        mask = state.mask_packed[: rows * total].reshape(rows, total)  # [rows, total]
-        np.copyto(mask, state.mask[first_row : first_row + rows, :total])
-        b.bind_input("attention_mask", "cpu", 0, _INT64, [rows, total], mask.ctypes.data)
+        self._bind_tokens(state, rows, seq, total, first_row)
         b.bind_input("logits_to_keep", "cpu", 0, _INT64, [], state.logits_to_keep.ctypes.data)
         b.bind_output(
             "logits", "cpu", 0, _FLOAT32, [rows, 1, spec.vocab_size], state.logits.ctypes.data
@@ -352,12 +360,7 @@ class Session:
                 f"{state.max_length})"
             )
         spec, b = self.spec, state.binding
-        b.clear_binding_outputs()
-        b.bind_input("input_ids", "cpu", 0, _INT64, [rows, seq], state.input_ids.ctypes.data)
-        b.bind_input("position_ids", "cpu", 0, _INT64, [rows, seq], state.position_ids.ctypes.data)
-        mask = state.mask_packed[: rows * total].reshape(rows, total)  # [rows, past + seq]
-        np.copyto(mask, state.mask[:rows, :total])
-        b.bind_input("attention_mask", "cpu", 0, _INT64, [rows, total], mask.ctypes.data)
+        self._bind_tokens(state, rows, seq, total)
         if self.has_logits_to_keep:
             b.bind_input("logits_to_keep", "cpu", 0, _INT64, [], state.logits_to_keep.ctypes.data)
         # Without logits_to_keep a prefill yields [rows, seq, V]: let ORT allocate that once.
