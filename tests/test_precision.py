@@ -3,6 +3,8 @@ HF. Each is held to HF running the same checkpoint at the same precision."""
 
 from __future__ import annotations
 
+import copy
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -17,12 +19,11 @@ BF16_LOGITS = 0.25
 
 
 def hf_logits_at(oracle, ids: np.ndarray, dtype) -> np.ndarray:
-    model = oracle.to(dtype)
-    try:
-        with torch.no_grad():
-            return model(torch.from_numpy(ids)).logits.float().numpy()
-    finally:
-        oracle.to(torch.float32)
+    # A copy: casting the shared fp32 oracle down and back would round its weights for every
+    # later test (the fp32 parity tests then fail when they run after this file).
+    model = copy.deepcopy(oracle).to(dtype)
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.float().numpy()
 
 
 def test_fp16_build_matches_hf_fp16(tiny_checkpoints, built_models):
@@ -62,4 +63,10 @@ def test_bf16_build_matches_hf_bf16_in_the_onnx_reference_runtime(tiny_checkpoin
     assert logits.dtype == np.float32
     diff = np.abs(logits - expected).max()
     assert diff <= BF16_LOGITS, max_diff_report(logits, expected)
-    assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+    # Greedy tokens agree wherever HF's own bf16 top-2 margin is wider than two bf16 ulps at
+    # these magnitudes (2 * 2**-5 for logits in [4, 8)); below that the top two are rounding
+    # ties (HF's bf16 logits tie exactly at some positions), and either pick is right.
+    top2 = np.sort(expected, axis=-1)[..., -2:]
+    decided = top2[..., 1] - top2[..., 0] > 2 * 2**-5
+    assert decided.mean() >= 0.75, f"only {decided.sum()} of {decided.size} positions decided"
+    assert (logits.argmax(-1) == expected.argmax(-1))[decided].all()
