@@ -49,6 +49,19 @@ def RotaryCosSin(position_ids: INT64, inv_freq: FLOAT):
 
 
 @script(gemma)
+def RotaryCache(position_ids: INT64, inv_freq: FLOAT):
+    """The step's RoPE tables in the layout of ORT's fused ``RotaryEmbedding`` kernel: float32
+    ``cos, sin`` of ``angles = position_ids[..., None] * inv_freq`` flattened to ``[B*S, D/2]``
+    (one row per new token; the kernel duplicates the half itself), and int64 ``rows`` ``[B, S]``,
+    the row of each token (``arange(B*S)``), passed as the kernel's position ids."""
+    positions = op.Reshape(op.Cast(position_ids, to=FLOAT.dtype), op.Constant(value_ints=[-1, 1]))
+    angles = op.Mul(positions, inv_freq)  # [B*S, D/2]
+    count = op.Size(position_ids)
+    rows = op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1))
+    return op.Cos(angles), op.Sin(angles), op.Reshape(rows, op.Shape(position_ids))
+
+
+@script(gemma)
 def RotaryEmbedding(x, cos: FLOAT, sin: FLOAT):
     """``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = concat(-x2, x1)`` (HF's
     non-interleaved RoPE). x ``[B, heads, S, D]``; cos/sin ``[B, S, D]`` cast to x's type first."""
@@ -128,6 +141,7 @@ def GeluTanhMLP(x, gate_weight, up_weight, down_weight):
 ALL_FUNCTIONS = (
     RMSNorm,
     RotaryCosSin,
+    RotaryCache,
     RotaryEmbedding,
     CausalMask,
     SlidingWindowMask,

@@ -13,9 +13,11 @@ What changes against the portable graph (graph.py), and why:
   final norm).
 - q/k/v and gate/up projections are each one MatMul over a concatenated weight; ``FastGelu`` is the
   tanh GELU.
-- RoPE stays our ``RotaryEmbedding`` function on cos/sin computed for the new positions only: GQA's
-  internal rotary would need [max_position, head_dim / 2] cache tables per layer type (64 MB for
-  Gemma 3 270M), for no measurable speed-up at one token per step.
+- RoPE is ORT's fused ``RotaryEmbedding`` kernel (com.microsoft) on [B, S, heads * D], fed by our
+  ``RotaryCache`` function: cos/sin rows for this step's positions only, and each token's row as
+  the kernel's position ids. The q/k norms run on [B, S, heads, D] over the last axis, so neither
+  needs a transpose. (GQA's internal rotary would need [max_position, head_dim / 2] tables per
+  layer type, 64 MB for Gemma 3 270M, and measured slower here.)
 
 The I/O names are the portable contract's, with two differences the runtime knows about:
 ``past_key_values.*`` / ``present.*`` are ``[batch, kv_heads, max_sequence_length, head_dim]``
@@ -29,7 +31,8 @@ import numpy as np
 import onnx_ir as ir
 
 from gemma_onnx.builder.config import SLIDING
-from gemma_onnx.builder.graph import OPSET, DecoderGraph
+from gemma_onnx.builder.functions import DOMAIN
+from gemma_onnx.builder.graph import OPSET, DecoderGraph, rope_inv_freq
 from gemma_onnx.builder.quantize import SharedComputation, matmul_nbits
 
 MS_DOMAIN = "com.microsoft"
@@ -267,13 +270,13 @@ class OrtDecoderGraph(DecoderGraph):
         return normed, total
 
     def decoder_layer_fused(self, i, layer_type, normed, residual, next_norm, seqlens_k,
-                            total_length, cos_sin, past_key, past_value):  # fmt: skip
+                            total_length, rope, past_key, past_value):  # fmt: skip
         """x += post_attn_norm(attn(normed)); normed = pre_ff_norm(x);
         x += post_ff_norm(mlp(normed)); normed = next_norm(x)."""
         p = f"model.layers.{i}"
         # `normed` and `residual` are in the residual stream's dtype (float32 in fp16 builds).
         attn_out, present = self.attention_gqa(
-            i, layer_type, self.to_compute(normed), seqlens_k, total_length, cos_sin, past_key,
+            i, layer_type, self.to_compute(normed), seqlens_k, total_length, rope, past_key,
             past_value,
         )  # fmt: skip
         attn_out = self.norm(self.to_stream(attn_out), f"{p}.post_attention_layernorm")
@@ -285,17 +288,44 @@ class OrtDecoderGraph(DecoderGraph):
         normed, residual = self.skip_norm(mlp_out, residual, next_norm, f"{p}.mlp_residual")
         return normed, residual, present
 
-    def heads_norm_rotary(self, x: ir.Value, count: int, module: str, norm: str, cos_sin):
-        """[B, S, count * D] -> per-head RMSNorm -> RoPE -> [B, S, count * D] (GQA's layout)."""
-        heads = self.heads(x, count, f"{module}.{norm}")  # [B, count, S, D]
-        heads = self.norm(heads, f"{module}.{norm}")
-        cos, sin = cos_sin
-        heads = self.fn("RotaryEmbedding", [heads, cos, sin], f"{module}.{norm}.rotary")
-        merged = self.op("Transpose", [heads], f"{module}.{norm}.to_bsh", perm=[0, 2, 1, 3])
-        shape = self.const("shape.bsh", np.array([0, 0, -1], np.int64))
-        return self.op("Reshape", [merged, shape], f"{module}.{norm}.merge")
+    def rotary(self, position_ids: ir.Value) -> dict[str, tuple[ir.Value, ...]]:
+        """Per layer type: (cos, sin, rows) for ORT's RotaryEmbedding, in the compute dtype."""
+        tables = {}
+        for layer_type in sorted(set(self.config.layer_types)):
+            params = self.config.rope[layer_type]
+            prefix = f"model.rotary_emb.{layer_type}"
+            inv_freq = self.const(
+                f"{prefix}.inv_freq",
+                rope_inv_freq(self.config.head_dim, params.theta, params.factor),
+            )
+            cos, sin, rows = self.op_multi(
+                "RotaryCache", [position_ids, inv_freq], prefix,
+                [f"{prefix}.cos", f"{prefix}.sin", f"{prefix}.rows"], domain=DOMAIN,
+            )  # fmt: skip
+            if self.ir_dtype != ir.DataType.FLOAT:  # the kernel wants cos/sin in x's type
+                cos = self.op("Cast", [cos], f"{prefix}.cos.cast", to=self.ir_dtype)
+                sin = self.op("Cast", [sin], f"{prefix}.sin.cast", to=self.ir_dtype)
+            tables[layer_type] = (cos, sin, rows)
+        return tables
 
-    def attention_gqa(self, i, layer_type, hidden, seqlens_k, total_length, cos_sin,
+    def heads_norm_rotary(self, x: ir.Value, count: int, module: str, norm: str, rope):
+        """[B, S, count * D] -> per-head RMSNorm -> RoPE -> [B, S, count * D] (GQA's layout).
+        The norm runs on [B, S, count, D] (its last axis is the head's), so nothing transposes."""
+        dim = self.config.head_dim
+        split = self.const(f"shape.bs_{count}_{dim}", np.array([0, 0, count, dim], np.int64))
+        heads = self.op("Reshape", [x, split], f"{module}.{norm}.split_heads")
+        heads = self.norm(heads, f"{module}.{norm}")
+        merged = self.op(
+            "Reshape", [heads, self.const("shape.bsh", np.array([0, 0, -1], np.int64))],
+            f"{module}.{norm}.merge_heads",
+        )  # fmt: skip
+        cos, sin, rows = rope
+        return self.op(
+            "RotaryEmbedding", [merged, rows, cos, sin], f"{module}.{norm}.rotary",
+            domain=MS_DOMAIN, num_heads=count, interleaved=0,
+        )  # fmt: skip
+
+    def attention_gqa(self, i, layer_type, hidden, seqlens_k, total_length, rope,
                       past_key, past_value):  # fmt: skip
         cfg = self.config
         p = f"model.layers.{i}.self_attn"
@@ -309,8 +339,8 @@ class OrtDecoderGraph(DecoderGraph):
             "Split", [qkv, sizes], f"{p}.qkv_split",
             [f"{p}.q_proj/output", f"{p}.k_proj/output", f"{p}.v_proj/output"], axis=-1,
         )  # fmt: skip
-        query = self.heads_norm_rotary(query, heads, p, "q_norm", cos_sin)
-        key = self.heads_norm_rotary(key, kv_heads, p, "k_norm", cos_sin)
+        query = self.heads_norm_rotary(query, heads, p, "q_norm", rope)
+        key = self.heads_norm_rotary(key, kv_heads, p, "k_norm", rope)
         # HF's window: slot j is visible from query q iff q - window < j <= q (`window` slots,
         # the query's own included); GQA's CPU kernel reads local_window_size the same way
         # (checked against HF in tests/test_ort_target.py).

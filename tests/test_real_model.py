@@ -22,6 +22,11 @@ def real_onnx_dir(real_hf_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def real_ort_dir(real_hf_dir, tmp_path_factory):
+    return build_model(real_hf_dir, tmp_path_factory.mktemp("real_ort") / "m", target="ort")
+
+
+@pytest.fixture(scope="module")
 def hf_model(real_hf_dir):
     from transformers import AutoModelForCausalLM
 
@@ -69,6 +74,24 @@ def test_teacher_forced_logits_match_hf(real_onnx_dir, hf_model, tokenizer):
     ids = long_prompt_ids(tokenizer, 600)
     session = ort_session(real_onnx_dir, optimize=True)
     logits = session.run(["logits"], contract_feed(session, ids))[0]
+    with torch.no_grad():
+        expected = hf_model(torch.from_numpy(ids)).logits.numpy()
+    assert_close(logits, expected, "real_fp32_logits")
+    agreement = (logits.argmax(-1) == expected.argmax(-1)).mean()
+    assert agreement == 1.0, f"top-1 agreement {agreement:.4f}; {max_diff_report(logits, expected)}"
+
+
+def test_ort_target_teacher_forced_logits_match_hf(real_ort_dir, hf_model, tokenizer):
+    """The fused kernels (GQA with its sliding window, RotaryEmbedding, SkipSimplifiedLayerNorm)
+    at the same limit as the portable graph, through max-length shared KV buffers."""
+    ids = long_prompt_ids(tokenizer, 600)  # > the 512-token sliding window
+    session = ort_session(real_ort_dir, optimize=True)
+    feed = contract_feed(session, ids)
+    for name in [n for n in feed if n.startswith("past_key_values.")]:
+        heads, dim = feed[name].shape[1], feed[name].shape[3]
+        feed[name] = np.zeros((1, heads, 640, dim), np.float32)
+    feed["logits_to_keep"] = np.array(0, np.int64)  # every position
+    logits = session.run(["logits"], feed)[0]
     with torch.no_grad():
         expected = hf_model(torch.from_numpy(ids)).logits.numpy()
     assert_close(logits, expected, "real_fp32_logits")
