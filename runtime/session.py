@@ -171,7 +171,7 @@ class RunState:
 
     batch: int  # rows the buffers hold
     max_length: int  # positions (prompt + new tokens) the KV buffers hold
-    binding: ort.IOBinding  # rebound every step (shapes change), never re-created
+    binding: ort.IOBinding  # token inputs rebound every step (shapes change); never re-created
     # KV cache, one entry per graph past input (layer-major, key then value). Each buffer is
     # flat [B*H*T*D] in the graph's float type (on CUDA: device memory).
     # Portable graphs (kv_cache "concat"), ping-pong: `past[i]` is read as packed
@@ -202,6 +202,9 @@ class RunState:
     # Positions already in the KV cache (the same for every row: padding is on the left; on
     # shared-KV graphs the longest row's, with next_position holding each row's own).
     past_length: int = 0
+    # Shared-KV graphs: the (rows, first_row) the KV buffers are bound for. The bindings
+    # persist across runs, so a decode step rebinds only the token inputs and the logits.
+    kv_bound: tuple[int, int] | None = None
 
     def start(self, rows: int) -> None:
         """Forget the previous generation; the buffers stay."""
@@ -308,9 +311,8 @@ class Session:
         self, state: RunState, rows: int, seq: int, total: int, first_row: int = 0
     ) -> None:
         """Bind input_ids / position_ids as packed [rows, seq] and the mask of rows
-        ``first_row ..`` as packed [rows, total]; forget the previous step's outputs."""
+        ``first_row ..`` as packed [rows, total] (a binding replaces the one of the same name)."""
         b = state.binding
-        b.clear_binding_outputs()
         b.bind_input("input_ids", "cpu", 0, _INT64, [rows, seq], state.input_ids.ctypes.data)
         b.bind_input("position_ids", "cpu", 0, _INT64, [rows, seq], state.position_ids.ctypes.data)
         mask = state.mask_packed[: rows * total].reshape(rows, total)  # [rows, total]
@@ -337,11 +339,13 @@ class Session:
         b.bind_output(
             "logits", "cpu", 0, _FLOAT32, [rows, 1, spec.vocab_size], state.logits.ctypes.data
         )
-        heads, dim, length = spec.num_kv_heads, spec.head_dim, state.max_length
-        shape, offset = (rows, heads, length, dim), first_row * heads * length * dim
-        for (past_name, present_name), buffer in zip(self.kv_names, state.past, strict=True):
-            buffer.bind_input(b, past_name, shape, offset)
-            buffer.bind_output(b, present_name, shape, offset)
+        if state.kv_bound != (rows, first_row):
+            heads, dim, length = spec.num_kv_heads, spec.head_dim, state.max_length
+            shape, offset = (rows, heads, length, dim), first_row * heads * length * dim
+            for (past_name, present_name), buffer in zip(self.kv_names, state.past, strict=True):
+                buffer.bind_input(b, past_name, shape, offset)
+                buffer.bind_output(b, present_name, shape, offset)
+            state.kv_bound = (rows, first_row)
         self.session.run_with_iobinding(b)
         state.past_length = max(state.past_length, total)
         return state.logits[: rows * spec.vocab_size].reshape(rows, spec.vocab_size)
@@ -360,6 +364,7 @@ class Session:
                 f"{state.max_length})"
             )
         spec, b = self.spec, state.binding
+        b.clear_binding_outputs()  # the logits binding below may change kind (ORT-allocated)
         self._bind_tokens(state, rows, seq, total)
         if self.has_logits_to_keep:
             b.bind_input("logits_to_keep", "cpu", 0, _INT64, [], state.logits_to_keep.ctypes.data)

@@ -18,6 +18,7 @@ from conftest import assert_close, contract_feed, make_causal_lm, ort_session
 from gemma_onnx.api import Gemma
 from gemma_onnx.builder import build_model
 from gemma_onnx.builder.quantize import QuantConfig, dequantize_nbits, matmul_nbits
+from gemma_onnx.runtime.session import DeviceBuffer
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,31 @@ def test_ort_target_greedy_batch_and_rows_equal_hf(checkpoint, ort_build):
     )
     batch = gemma.generate(prompts, max_new_tokens=16, ignore_eos=True)
     assert [row.token_ids for row in batch] == expected
+
+
+def test_shared_kv_buffers_are_bound_once_per_row_range(checkpoint, ort_build, monkeypatch):
+    """Decode steps rebind only the token inputs and logits; the KV bindings persist, and are
+    redone only when the rows run change (per-row prefill, then the batch), with HF's tokens."""
+    _, oracle = checkpoint
+    binds = []
+    real_bind = DeviceBuffer.bind_input
+
+    def counting_bind(self, binding, name, shape, offset=0):
+        binds.append((name, tuple(shape), offset))
+        real_bind(self, binding, name, shape, offset)
+
+    monkeypatch.setattr(DeviceBuffer, "bind_input", counting_bind)
+    gemma = Gemma(ort_build)
+    kv_tensors = len(gemma.session.kv_names)
+    prompt = np.random.default_rng(2).integers(3, 320, size=9).tolist()
+    assert gemma.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids == hf_greedy(
+        oracle, prompt, 12
+    )
+    assert len(binds) == kv_tensors  # 1 prefill + 11 decode steps, bound once
+    binds.clear()
+    gemma.generate([prompt, prompt[:5]], max_new_tokens=12, ignore_eos=True)
+    # two one-row prefills (rows 0 and 1), then the two-row decode
+    assert len(binds) <= 3 * kv_tensors
 
 
 def test_ort_target_uses_fused_kernels(ort_build):
