@@ -86,6 +86,42 @@ def test_rotary_cos_sin_and_embedding():
     np.testing.assert_allclose(y, expected, atol=1e-6)
 
 
+def test_rotary_cache_feeds_orts_fused_rotary_like_hf():
+    """RotaryCache's rows, through com.microsoft.RotaryEmbedding on [B, S, heads * D], give
+    HF's rotate_half RoPE at each token's own position (rows of a batch at different positions)."""
+    positions = np.array([[0, 1, 2, 7], [300, 301, 302, 303]], dtype=np.int64)
+    heads, head_dim = 3, 8
+    inv_freq = (1.0 / 50.0 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+    cos, sin, rows = run_function(
+        "RotaryCache", {"position_ids": positions, "inv_freq": inv_freq}, outputs=3
+    )
+    # float32 angles, as HF computes them (at position 300 their rounding shows in cos/sin)
+    angles = (positions[..., None].astype(np.float32) * inv_freq).astype(np.float64)
+    np.testing.assert_allclose(cos, np.cos(angles).reshape(-1, head_dim // 2), atol=1e-6)
+    np.testing.assert_allclose(sin, np.sin(angles).reshape(-1, head_dim // 2), atol=1e-6)
+    np.testing.assert_array_equal(rows, np.arange(8).reshape(2, 4))
+
+    node = helper.make_node(
+        "RotaryEmbedding", ["x", "rows", "cos", "sin"], ["y"], domain="com.microsoft",
+        num_heads=heads, interleaved=0,
+    )  # fmt: skip
+    names = [("x", TensorProto.FLOAT), ("rows", TensorProto.INT64),
+             ("cos", TensorProto.FLOAT), ("sin", TensorProto.FLOAT)]  # fmt: skip
+    graph = helper.make_graph(
+        [node], "rope", [helper.make_tensor_value_info(n, t, None) for n, t in names],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.normal(size=(2, 4, heads, head_dim)).astype(np.float32)
+    (y,) = session.run(None, {"x": x.reshape(2, 4, -1), "rows": rows, "cos": cos, "sin": sin})
+    emb = np.concatenate([angles, angles], axis=-1)[:, :, None]  # [B, S, 1, D]
+    rotated = np.concatenate([-x[..., head_dim // 2 :], x[..., : head_dim // 2]], axis=-1)
+    expected = x * np.cos(emb) + rotated * np.sin(emb)
+    np.testing.assert_allclose(y.reshape(x.shape), expected, atol=1e-5)
+
+
 def reference_mask(attention_mask: np.ndarray, new: int, window: int | None) -> np.ndarray:
     batch, total = attention_mask.shape
     mask = np.zeros((batch, 1, new, total), dtype=bool)
