@@ -215,7 +215,8 @@ def build_model(
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is ordinary
         _write_files(model, staging, source, config_json, generation, progress)
         if precision in BITS:  # quantized: measure what it costs, on this very build
-            write_quality_report(staging, config, checkpoint)
+            quantization = (quant or QuantConfig(bits=BITS[precision])).describe(target)
+            write_quality_report(staging, config, checkpoint, quantization)
         if target == "portable":  # onnxruntime-genai reads the folder through this file
             write_genai_config(staging, config_json, generation)
         if layout == "transformers.js":

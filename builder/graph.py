@@ -369,7 +369,9 @@ class DecoderGraph:
         return self._values[key]
 
     def dequantized(self, hf_name: str) -> ir.Value:
-        quant = self.quant
+        # Only the decoder layers' projections come here (the portable graph keeps the
+        # embedding table in float: Gather and Gemm read it as it is).
+        quant = self.quant.for_layers("portable")
         out, k = self.weights.shape(hf_name)
         if k % quant.block_size:
             raise GemmaOnnxError(

@@ -33,7 +33,7 @@ import onnx_ir as ir
 from gemma_onnx.builder.config import SLIDING
 from gemma_onnx.builder.functions import DOMAIN
 from gemma_onnx.builder.graph import OPSET, DecoderGraph, rope_inv_freq
-from gemma_onnx.builder.quantize import SharedComputation, matmul_nbits
+from gemma_onnx.builder.quantize import QuantConfig, SharedComputation, matmul_nbits
 
 MS_DOMAIN = "com.microsoft"
 
@@ -69,16 +69,15 @@ class OrtDecoderGraph(DecoderGraph):
         return value
 
     # ---- int4 / int8 weights: MatMulNBits and GatherBlockQuantized -------------------------
-    def quantized(self, hf_names: tuple[str, ...], out_name: str):
+    def quantized(self, hf_names: tuple[str, ...], out_name: str, quant: QuantConfig):
         """MatMulNBits initializers (packed, scales[, zero_points]) for x @ W.T, where W is the
         HF [out, in] tensors ``hf_names`` stacked along out: [N, K], which is also the layout
-        GatherBlockQuantized reads the tied embedding table in. Returns (values, K, N, config)."""
+        GatherBlockQuantized reads the tied embedding table in. Returns (values, K, N, quant)."""
         key = f"quantized:{out_name}"
         if key in self._values:
             return self._values[key]
         shapes = [self.weights.shape(n) for n in hf_names]
         n, k = sum(s[0] for s in shapes), shapes[0][1]
-        quant = self.quant
 
         def compute():
             arrays = [self.weights.read(name) for name in hf_names]
@@ -119,7 +118,9 @@ class OrtDecoderGraph(DecoderGraph):
     def linear(self, x: ir.Value, module: str) -> ir.Value:
         if self.quant is None:
             return super().linear(x, module)
-        weights = self.quantized((f"{module}.weight",), f"{module}.weight")
+        weights = self.quantized(
+            (f"{module}.weight",), f"{module}.weight", self.quant.for_layers("ort")
+        )
         y = self.matmul_nbits(x, weights, module)
         if self.config.attention_bias and f"{module}.bias" in self.weights.tensors:
             y = self.op("Add", [y, self.weight(f"{module}.bias", "bias")], f"{module}.bias_add")
@@ -144,7 +145,7 @@ class OrtDecoderGraph(DecoderGraph):
             )
             return self.to_stream(self.op("Mul", [rows, scale], "model.embed_tokens.scale"))
         values, k, n, quant = self.quantized(
-            ("model.embed_tokens.weight",), "model.embed_tokens.weight"
+            ("model.embed_tokens.weight",), "model.embed_tokens.weight", self.quant
         )
         rows_shape = self.const("shape.embed_packed", np.array([n, k * quant.bits // 8], np.int64))
         table = self.op("Reshape", [values["packed"], rows_shape], "model.embed_tokens.rows")
@@ -169,9 +170,9 @@ class OrtDecoderGraph(DecoderGraph):
             return super().head_scores(flat)
         if self.config.tie_word_embeddings:
             table = ("model.embed_tokens.weight",)
-            return self.matmul_nbits(flat, self.quantized(table, table[0]), "lm_head")
-        return self.matmul_nbits(flat, self.quantized(("lm_head.weight",), "lm_head.weight"),
-                                 "lm_head")  # fmt: skip
+            return self.matmul_nbits(flat, self.quantized(table, table[0], self.quant), "lm_head")
+        head = self.quantized(("lm_head.weight",), "lm_head.weight", self.quant)
+        return self.matmul_nbits(flat, head, "lm_head")
 
     def project(self, x: ir.Value, module: str, projections: tuple[str, ...], name: str):
         """x @ [W_a | W_b | ...] (+ biases), one MatMul for several HF projections."""
@@ -180,7 +181,9 @@ class OrtDecoderGraph(DecoderGraph):
         if self.quant is not None:
             names = tuple(f"{module}.{p}.weight" for p in projections)
             fused = "_".join(p.removesuffix("_proj") for p in projections)
-            weights = self.quantized(names, f"{module}.{fused}_proj.weight")
+            weights = self.quantized(
+                names, f"{module}.{fused}_proj.weight", self.quant.for_layers("ort")
+            )
             y = self.matmul_nbits(x, weights, name)
         else:
             y = self.op("MatMul", [x, self.fused_linear_weight(module, projections)], name)

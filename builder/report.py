@@ -102,10 +102,13 @@ def measure_agreement(
     }
 
 
-def write_quality_report(folder: Path, config: Gemma3Config, checkpoint) -> dict | None:
+def write_quality_report(
+    folder: Path, config: Gemma3Config, checkpoint, quantization: dict | None = None
+) -> dict | None:
     """Builds the fp32 ORT-target reference inside ``folder`` (removed afterwards), measures
-    the quantized model in ``folder`` against it and writes ``quality.json``. None when the
-    folder has no tokenizer to read the held-out text with."""
+    the quantized model in ``folder`` against it and writes ``quality.json`` (with
+    ``quantization``, the build's settings, when given). None when the folder has no
+    tokenizer to read the held-out text with."""
     import shutil
 
     import onnx_ir as ir
@@ -123,5 +126,7 @@ def write_quality_report(folder: Path, config: Gemma3Config, checkpoint) -> dict
         report = measure_agreement(folder, reference_dir, config, ids)
     finally:
         shutil.rmtree(reference_dir, ignore_errors=True)
+    if quantization is not None:
+        report["quantization"] = quantization
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report

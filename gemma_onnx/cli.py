@@ -85,6 +85,15 @@ def main(ctx: click.Context, debug: bool) -> None:
     help="int8/int4: MatMulNBits compute type; 4 = int8 activations (fast on CPU), 0 = fp32.",
 )
 @click.option(
+    "--layer-bits",
+    type=click.Choice(["4", "8"]),
+    default=None,
+    help="int8/int4: bits of the decoder layers' projections; --precision then sets the tied "
+    "embedding/LM head table's. Default: 8 on --target ort (int4: 81.6% instead of 69.0% "
+    "top-1 agreement on Gemma 3 270M, for a 28% larger file and ~5% slower decode), "
+    "--precision's on --target portable (its table stays float).",
+)
+@click.option(
     "--layout",
     type=click.Choice(["default", "transformers.js"]),
     default="default",
@@ -100,6 +109,7 @@ def build(
     target: str,
     block_size: int,
     accuracy_level: int,
+    layer_bits: str | None,
     layout: str,
     overwrite: bool,
 ) -> None:
@@ -110,7 +120,10 @@ def build(
     quant = None
     if precision in BITS:
         quant = QuantConfig(
-            bits=BITS[precision], block_size=block_size, accuracy_level=accuracy_level
+            bits=BITS[precision],
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+            layer_bits=None if layer_bits is None else int(layer_bits),
         )
     result = build_model(
         weights, output, precision=precision, target=target, overwrite=overwrite,

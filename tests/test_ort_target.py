@@ -152,6 +152,48 @@ def test_quantized_builds_run_and_agree(checkpoint, tmp_path, precision, target)
     assert np.isfinite(logits).all()
 
 
+def _matmul_nbits_bits(folder) -> dict[str, int]:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in model.graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+
+
+def test_int4_keeps_the_table_at_4_bits_and_the_layers_at_8(checkpoint, tmp_path):
+    """int4's default on the ORT target (QuantConfig.layer_bits): the tied table (lookup and
+    LM head) at 4 bits, the layers' projections at 8, which follows HF's fp32 logits more
+    closely than 4-bit layers do; --layer-bits 4 quantizes everything to 4 bits."""
+    folder, oracle = checkpoint
+    ids = np.random.default_rng(5).integers(3, 320, size=(1, 24))
+    with torch.no_grad():
+        expected = oracle(torch.from_numpy(ids)).logits.numpy()
+    errors = {}
+    for layer_bits in (None, 4):
+        quant = QuantConfig(bits=4, layer_bits=layer_bits)
+        out = build_model(folder, tmp_path / f"q{layer_bits}", target="ort", precision="int4",
+                          quant=quant)  # fmt: skip
+        bits = _matmul_nbits_bits(out)
+        table = {name: bits.pop(name) for name in ("model.embed_tokens", "lm_head")}
+        assert table == {"model.embed_tokens": 4, "lm_head": 4}
+        assert bits and set(bits.values()) == {layer_bits or 8}, bits
+        errors[layer_bits] = np.abs(shared_kv_logits(out, ids, 32) - expected).mean()
+    assert errors[None] < errors[4], errors
+
+
+def test_portable_int4_layer_bits(checkpoint, tmp_path):
+    """The portable target keeps the table float, so --precision sets its layers' width unless
+    --layer-bits says otherwise."""
+    folder, _ = checkpoint
+    for layer_bits, dtypes in ((None, {onnx.TensorProto.UINT4}), (8, {onnx.TensorProto.INT8})):
+        quant = QuantConfig(bits=4, layer_bits=layer_bits)
+        out = build_model(folder, tmp_path / f"p{layer_bits}", precision="int4", quant=quant)
+        model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+        found = {t.data_type for t in model.graph.initializer if t.name.endswith(".quantized")}
+        assert found == dtypes, (layer_bits, found)
+
+
 def test_quantized_build_reports_measured_quality(checkpoint, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -168,6 +210,9 @@ def test_quantized_build_reports_measured_quality(checkpoint, tmp_path):
     report = json.loads((out / "quality.json").read_text())
     assert report["tokens"] > 100
     assert 0.0 <= report["top1_agreement"] <= 1.0
+    assert report["quantization"] == {
+        "embedding_bits": 4, "layer_bits": 8, "block_size": 32, "accuracy_level": 4,
+    }  # fmt: skip
     assert not (out / ".fp32-reference").exists()
 
 
