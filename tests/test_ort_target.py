@@ -7,6 +7,7 @@ our runtime, which binds those buffers, and directly through IO binding.
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -74,6 +75,19 @@ def test_ort_target_greedy_batch_and_rows_equal_hf(checkpoint, ort_build):
     )
     batch = gemma.generate(prompts, max_new_tokens=16, ignore_eos=True)
     assert [row.token_ids for row in batch] == expected
+
+
+def test_chunked_prefill_equals_hf(checkpoint, ort_build, monkeypatch):
+    """On the CPU a prompt runs in chunks of PREFILL_CHUNK tokens, each attending to the KV the
+    earlier ones wrote: chunks of 4 across a sliding window of 5 still give HF's tokens."""
+    _, oracle = checkpoint
+    generate_module = importlib.import_module("gemma_onnx.runtime.generate")
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 4)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 320, size=n).tolist() for n in (13, 4, 9)]
+    gemma = Gemma(ort_build)
+    batch = gemma.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    assert [row.token_ids for row in batch] == [hf_greedy(oracle, p, 8) for p in prompts]
 
 
 def test_ort_target_uses_fused_kernels(ort_build):
