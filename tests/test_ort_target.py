@@ -90,6 +90,29 @@ def test_chunked_prefill_equals_hf(checkpoint, ort_build, monkeypatch):
     assert [row.token_ids for row in batch] == [hf_greedy(oracle, p, 8) for p in prompts]
 
 
+def test_quantized_lookup_reads_the_lm_head_bytes_under_its_own_name(checkpoint, tmp_path):
+    """The int4 embedding lookup gets its own initializer over the LM head's packed table: same
+    external bytes (stored once), no Reshape, so ORT maps the two apart and can release the LM
+    head's copy after prepacking it."""
+    out = build_model(checkpoint[0], tmp_path / "q", target="ort", precision="int4")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph.node if n.name == "lm_head")
+    rows, packed = initializers[gather.input[0]], initializers[head.input[1]]
+    assert rows.name != packed.name
+    assert list(rows.dims) == [packed.dims[0], packed.dims[1] * packed.dims[2]]
+
+    def location(tensor):
+        return {e.key: e.value for e in tensor.external_data}
+
+    assert location(rows) and location(rows) == location(packed)
+    ends = [int(location(t)["offset"]) + int(location(t)["length"]) for t in initializers.values()
+            if location(t)]  # fmt: skip
+    assert (out / "model.onnx_data").stat().st_size == max(ends)
+    assert not [n for n in model.graph.node if n.op_type == "Reshape" and packed.name in n.input]
+
+
 def test_ort_target_uses_fused_kernels(ort_build):
     model = onnx.load(str(ort_build / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
