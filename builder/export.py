@@ -17,15 +17,17 @@ import fcntl
 import glob
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from gemma_onnx.builder.config import Gemma3Config
-from gemma_onnx.builder.graph import build_graph
+from gemma_onnx.builder.graph import ALIAS_OF, build_graph
 from gemma_onnx.builder.interop import write_genai_config, write_transformers_js_layout
 from gemma_onnx.builder.quantize import BITS, QuantConfig
 from gemma_onnx.builder.report import write_quality_report
@@ -108,16 +110,47 @@ def _write_files(
             bar.set_postfix_str(str(tensor.name)[-40:], refresh=False)
             bar.update()
 
+    # Aliases (graph.py, DecoderGraph.alias) are left out of the data file and added after,
+    # pointing at their source's bytes.
+    initializers = model.graph.initializers
+    aliases = {name: v for name, v in initializers.items() if ALIAS_OF in v.meta}
+    for name in aliases:
+        initializers.pop(name)
     try:
         ir.save(model, staging / MODEL_FILE, external_data=DATA_FILE, callback=callback)
     finally:
+        for value in aliases.values():
+            initializers.add(value)
         if bar is not None:
             bar.close()
+    if aliases:
+        _write_aliases(staging / MODEL_FILE, aliases)
     (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, staging / name)
+
+
+def _write_aliases(path: Path, aliases: dict[str, ir.Value]) -> None:
+    """Add each alias to the saved model as a second reference to its source's external data
+    (same file, offset and length; its own name and shape). A source small enough to be stored
+    inline is copied."""
+    proto = onnx.load(str(path), load_external_data=False)
+    saved = {tensor.name: tensor for tensor in proto.graph.initializer}
+    for name, value in aliases.items():
+        source = saved[value.meta[ALIAS_OF]]
+        external = {e.key: e.value for e in source.external_data}
+        length = int(external["length"]) if external else len(source.raw_data)
+        if math.prod(value.shape.numpy()) * value.dtype.itemsize != length:
+            raise AssertionError(f"alias {name}: {value.shape} does not span {source.name}")
+        alias = onnx.TensorProto()
+        alias.CopyFrom(source)
+        alias.name = name
+        del alias.dims[:]
+        alias.dims.extend(value.shape.numpy())
+        proto.graph.initializer.append(alias)
+    onnx.save(proto, str(path))
 
 
 def _staging_prefix(output: Path) -> str:

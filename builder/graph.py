@@ -33,6 +33,8 @@ IR_VERSION = 8
 # Quantized portable builds: block-quantized DequantizeLinear and int4 types need opset 21 and
 # IR version 10 (ONNX Runtime 1.18+).
 QUANTIZED_OPSET, QUANTIZED_IR_VERSION = 21, 10
+# Value.meta key of an initializer that is a view of another's bytes: the source's name.
+ALIAS_OF = "gemma_onnx.alias_of"
 
 PRECISIONS = {
     "fp32": (ir.DataType.FLOAT, np.dtype(np.float32)),
@@ -158,6 +160,26 @@ class DecoderGraph:
     def const(self, name: str, array: np.ndarray) -> ir.Value:
         if name not in self._values:
             self._values[name] = self.tape.initializer(ir.tensor(array, name=name), name=name)
+        return self._values[name]
+
+    def alias(self, source: ir.Value, name: str, shape: tuple[int, ...]) -> ir.Value:
+        """An initializer that reads ``source``'s bytes under another name and ``shape``.
+
+        The export writes it as a second reference to the same range of the external data file
+        (see export.py), so the bytes are stored once, and ONNX Runtime maps each reference on
+        its own: a kernel that prepacks the source can release its mapping while another
+        kernel reads the alias. Serialized any other way, it is an ordinary copy.
+        """
+        if name not in self._values:
+            tensor = source.const_value
+
+            def load():
+                return ir.Tensor(tensor.numpy().reshape(shape), name=name)
+
+            lazy = ir.LazyTensor(load, dtype=tensor.dtype, shape=ir.Shape(shape), name=name)
+            value = self.tape.initializer(lazy, name=name)
+            value.meta[ALIAS_OF] = source.name
+            self._values[name] = value
         return self._values[name]
 
     def weight(self, hf_name: str, kind: str) -> ir.Value:

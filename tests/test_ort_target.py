@@ -7,6 +7,7 @@ our runtime, which binds those buffers, and directly through IO binding.
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -100,6 +101,42 @@ def test_shared_kv_buffers_are_bound_once_per_row_range(checkpoint, ort_build, m
     gemma.generate([prompt, prompt[:5]], max_new_tokens=12, ignore_eos=True)
     # two one-row prefills (rows 0 and 1), then the two-row decode
     assert len(binds) <= 3 * kv_tensors
+
+
+def test_chunked_prefill_equals_hf(checkpoint, ort_build, monkeypatch):
+    """On the CPU a prompt runs in chunks of PREFILL_CHUNK tokens, each attending to the KV the
+    earlier ones wrote: chunks of 4 across a sliding window of 5 still give HF's tokens."""
+    _, oracle = checkpoint
+    generate_module = importlib.import_module("gemma_onnx.runtime.generate")
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 4)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 320, size=n).tolist() for n in (13, 4, 9)]
+    gemma = Gemma(ort_build)
+    batch = gemma.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    assert [row.token_ids for row in batch] == [hf_greedy(oracle, p, 8) for p in prompts]
+
+
+def test_quantized_lookup_reads_the_lm_head_bytes_under_its_own_name(checkpoint, tmp_path):
+    """The int4 embedding lookup gets its own initializer over the LM head's packed table: same
+    external bytes (stored once), no Reshape, so ORT maps the two apart and can release the LM
+    head's copy after prepacking it."""
+    out = build_model(checkpoint[0], tmp_path / "q", target="ort", precision="int4")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    initializers = {t.name: t for t in model.graph.initializer}
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph.node if n.name == "lm_head")
+    rows, packed = initializers[gather.input[0]], initializers[head.input[1]]
+    assert rows.name != packed.name
+    assert list(rows.dims) == [packed.dims[0], packed.dims[1] * packed.dims[2]]
+
+    def location(tensor):
+        return {e.key: e.value for e in tensor.external_data}
+
+    assert location(rows) and location(rows) == location(packed)
+    ends = [int(location(t)["offset"]) + int(location(t)["length"]) for t in initializers.values()
+            if location(t)]  # fmt: skip
+    assert (out / "model.onnx_data").stat().st_size == max(ends)
+    assert not [n for n in model.graph.node if n.op_type == "Reshape" and packed.name in n.input]
 
 
 def test_ort_target_uses_fused_kernels(ort_build):
