@@ -14,7 +14,7 @@ import pytest
 
 from gemma_onnx.tools import benchmark
 
-OURS = ("ours-fp32", "ours-int4", "ours-portable")
+OURS = ("ours-fp32", "ours-int4", "ours-int4-4bit", "ours-portable")
 
 
 def _word_tokenizer(folder: Path, vocab_size: int) -> None:

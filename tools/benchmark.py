@@ -40,12 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("ours-fp32", "ours-int4", "ours-portable", "torch", "genai-fp32", "genai-int4", "llama")
-OURS = ("ours-fp32", "ours-int4", "ours-portable")
+OURS = ("ours-fp32", "ours-int4", "ours-int4-4bit", "ours-portable")
+ENGINES = (*OURS, "torch", "genai-fp32", "genai-int4", "llama")
 BASELINES = ("torch", "genai-fp32", "genai-int4", "llama")
 LABELS = {
     "ours-fp32": "gemma-onnx fp32, ort target",
-    "ours-int4": "gemma-onnx int4, ort target",
+    "ours-int4": "gemma-onnx int4 (4-bit table, 8-bit layers), ort target",
+    "ours-int4-4bit": "gemma-onnx int4 --layer-bits 4 (all 4-bit), ort target",
     "ours-portable": "gemma-onnx fp32, portable target",
     "torch": "PyTorch + transformers fp32 eager",
     "genai-fp32": "onnxruntime-genai fp32",
@@ -75,6 +76,10 @@ TARGETS = (
     ("ours-int4", "decode", "llama", 1.5),
     ("ours-int4", "prefill", "llama", 1.5),
     ("ours-int4", "rss", None, 0.5),
+    ("ours-int4-4bit", "decode", "genai-int4", 1.3),
+    ("ours-int4-4bit", "decode", "llama", 1.5),
+    ("ours-int4-4bit", "prefill", "llama", 1.5),
+    ("ours-int4-4bit", "rss", None, 0.5),
 )
 GB = 1e9
 BUILD_MARKER = "benchmark-build.json"  # written last into a finished cached build
@@ -298,6 +303,7 @@ class Build:
 BUILD_ARGS = {  # engine -> how its folder is made
     "ours-fp32": {"builder": "ours", "target": "ort", "precision": "fp32"},
     "ours-int4": {"builder": "ours", "target": "ort", "precision": "int4"},
+    "ours-int4-4bit": {"builder": "ours", "target": "ort", "precision": "int4", "layer_bits": 4},
     "ours-portable": {"builder": "ours", "target": "portable", "precision": "fp32"},
     "genai-fp32": {"builder": "genai", "precision": "fp32"},
     "genai-int4": {"builder": "genai", "precision": "int4"},
@@ -735,8 +741,15 @@ def child_main(spec_path: Path) -> int:
 
 def _build_ours(spec: dict) -> None:
     from gemma_onnx.builder import build_model
+    from gemma_onnx.builder.quantize import BITS, QuantConfig
 
-    build_model(spec["hf_dir"], spec["out"], target=spec["target"], precision=spec["precision"])
+    quant = None
+    if spec.get("layer_bits") is not None:
+        quant = QuantConfig(bits=BITS[spec["precision"]], layer_bits=spec["layer_bits"])
+    build_model(
+        spec["hf_dir"], spec["out"], target=spec["target"], precision=spec["precision"],
+        quant=quant,
+    )  # fmt: skip
 
 
 def _build_genai(spec: dict) -> None:
