@@ -27,6 +27,8 @@ left (right padding).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 
@@ -46,6 +48,9 @@ class OrtDecoderGraph(DecoderGraph):
         # Quantized weights use com.microsoft's MatMulNBits here, not opset 21's
         # DequantizeLinear; and ORT registers SimplifiedLayerNormalization up to opset 20.
         self.opset = OPSET
+        # Initializers also listed as graph inputs (overridable, so never constant to ORT): the
+        # float tied table, which the lookup and the LM head share and prepacking must not copy.
+        self.unpacked: list[ir.Value] = []
 
     def fused_linear_weight(self, module: str, projections: tuple[str, ...]) -> ir.Value:
         """``[in, sum(out)]``: the transposed projection weights side by side, one MatMul."""
@@ -141,6 +146,7 @@ class OrtDecoderGraph(DecoderGraph):
             if not self.config.tie_word_embeddings:
                 return super().embed(input_ids)
             table = self.weight("model.embed_tokens.weight", "linear")  # [E, V]
+            self.unpacked.append(table)
             columns = self.op("Gather", [table, input_ids], "model.embed_tokens", axis=1)
             rows = self.op("Transpose", [columns], "model.embed_tokens.rows", perm=[1, 2, 0])
             scale = self.const(
@@ -220,7 +226,7 @@ class OrtDecoderGraph(DecoderGraph):
             presents += present
         logits = self.lm_head_normed(normed, logits_to_keep)
         return self.assemble(
-            [input_ids, attention_mask, position_ids, *past, logits_to_keep],
+            [input_ids, attention_mask, position_ids, *past, logits_to_keep, *self.unpacked],
             [logits, *presents],
             extra_opsets={MS_DOMAIN: 1},
         )
@@ -237,6 +243,14 @@ class OrtDecoderGraph(DecoderGraph):
         tensor, bound to both; padding 'right': each row's tokens start at position 0."""
         return {"gemma_onnx.target": "ort", "gemma_onnx.kv_cache": "shared",
                 "gemma_onnx.padding": "right", **self.session_metadata()}  # fmt: skip
+
+    def session_metadata(self) -> dict[str, str]:
+        """Prepacking on: MatMulNBits needs it for its fast kernels, and MLAS' packed float
+        weights decode ~10% faster on Gemma 3 270M fp32 at no memory cost, because ORT frees
+        each original once packed. The one weight two nodes read, the float tied table, is an
+        overridable initializer (``self.unpacked``), which ORT neither prepacks nor folds: one
+        copy in memory (prepacking it would add 0.66 GB on the 270M)."""
+        return {"gemma_onnx.session_config": json.dumps({"session.disable_prepacking": "0"})}
 
     def past_sequence_dim(self) -> str:
         return "max_sequence_length"

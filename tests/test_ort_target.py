@@ -139,6 +139,19 @@ def test_quantized_lookup_reads_the_lm_head_bytes_under_its_own_name(checkpoint,
     assert not [n for n in model.graph.node if n.op_type == "Reshape" and packed.name in n.input]
 
 
+def test_float_tied_table_is_one_unpacked_copy(ort_build):
+    """Prepacking is on (packed float weights decode faster), so the table that the lookup and
+    the LM head share is an overridable initializer: ORT may not prepack or fold it into a
+    second copy. The runtime leaves it unbound and gets the stored table (HF's tokens)."""
+    model = onnx.load(str(ort_build / "model.onnx"), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["gemma_onnx.session_config"])["session.disable_prepacking"] == "0"
+    session = Gemma(ort_build).session.session
+    vocab_sized = [i.name for i in session.get_overridable_initializers() if 320 in i.shape]
+    assert vocab_sized == ["model.embed_tokens.weight_t"]
+    assert "model.embed_tokens.weight_t" not in {i.name for i in session.get_inputs()}
+
+
 def test_ort_target_uses_fused_kernels(ort_build):
     model = onnx.load(str(ort_build / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
