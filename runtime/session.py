@@ -9,9 +9,7 @@ nothing that grows with the sequence.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -441,84 +439,19 @@ def _open_session(path: Path, provider: str, threads: int | None) -> ort.Inferen
 
 
 def _recommended_session_config(path: Path) -> dict[str, str]:
-    """``gemma_onnx.session_config`` from the model's metadata, read without its weights (and
-    without the onnx package, whose import alone adds ~10 MB to every generating process)."""
+    """``gemma_onnx.session_config`` from the model's metadata, read without its weights."""
+    import onnx  # here, not at import time: only opening a session needs it
+
     try:
-        props = _metadata_props(path)
-    except (OSError, ValueError):  # a broken file: let InferenceSession report it in its words
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a broken file: let InferenceSession report it in its own words
         return {}
+    props = {p.key: p.value for p in model.metadata_props}
     try:
         entries = json.loads(props.get("gemma_onnx.session_config", "{}"))
     except ValueError:
         return {}
     return {str(k): str(v) for k, v in entries.items()} if isinstance(entries, dict) else {}
-
-
-# Protocol-buffer wire format, just enough to find ModelProto.metadata_props (field 14, a list of
-# StringStringEntryProto {key = 1, value = 2}) and skip every other field, the graph included.
-_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
-_METADATA_PROPS = 14
-
-
-def _metadata_props(path: Path) -> dict[str, str]:
-    """The model's metadata_props as a dict; ValueError when the file is not a ModelProto."""
-    props: dict[str, str] = {}
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        while file.tell() < size:
-            field, wire = _read_key(file)
-            if wire != _LENGTH:
-                _skip(file, wire)
-                continue
-            length = _read_varint(file)
-            if field != _METADATA_PROPS:
-                file.seek(length, os.SEEK_CUR)
-                continue
-            entry = _fields(file.read(length))
-            props[entry.get(1, b"").decode("utf-8", "replace")] = entry.get(2, b"").decode(
-                "utf-8", "replace"
-            )
-        if file.tell() != size:
-            raise ValueError(f"{path}: truncated")
-    return props
-
-
-def _read_varint(file: Any) -> int:
-    value = shift = 0
-    while True:
-        byte = file.read(1)
-        if not byte or shift > 63:
-            raise ValueError("bad varint")
-        value |= (byte[0] & 0x7F) << shift
-        if byte[0] < 0x80:
-            return value
-        shift += 7
-
-
-def _read_key(file: Any) -> tuple[int, int]:
-    key = _read_varint(file)
-    return key >> 3, key & 7
-
-
-def _skip(file: Any, wire: int) -> None:
-    if wire == _VARINT:
-        _read_varint(file)
-    elif wire in (_FIXED64, _FIXED32):
-        file.seek(8 if wire == _FIXED64 else 4, os.SEEK_CUR)
-    else:
-        raise ValueError(f"wire type {wire} has no place in a ModelProto")
-
-
-def _fields(message: bytes) -> dict[int, bytes]:
-    """The length-delimited fields of a small message (a metadata entry's key and value)."""
-    file, fields = io.BytesIO(message), {}
-    while file.tell() < len(message):
-        field, wire = _read_key(file)
-        if wire == _LENGTH:
-            fields[field] = file.read(_read_varint(file))
-        else:
-            _skip(file, wire)
-    return fields
 
 
 def _first_line(exc: Exception) -> str:
