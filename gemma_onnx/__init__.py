@@ -6,7 +6,7 @@ contract. Both raise :class:`gemma_onnx.errors.GemmaOnnxError` for problems a us
 
 from pathlib import Path as _Path
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Installed, setuptools' package-dir puts builder/, runtime/ and tools/ inside this package. Run
 # from a source checkout's root (`python -m pytest`, `python -m gemma_onnx`), Python imports this
