@@ -450,6 +450,9 @@ def paused_build(source: Path, output: Path, moment: str) -> Iterator[subprocess
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as in a terminal, even when the test runner was started with SIGINT ignored
+        # (a background job of a non-interactive shell): Python ignores it too then.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
