@@ -352,9 +352,10 @@ class DecoderGraph:
             )
         return masks
 
-    def rotary(self, position_ids: ir.Value) -> dict[str, tuple[ir.Value, ir.Value]]:
-        """cos/sin per layer type: theta 10k on sliding layers, 1M (+ linear scaling) on global."""
-        tables = {}
+    def inv_freqs(self) -> list[tuple[str, str, ir.Value]]:
+        """(layer type, name prefix, RoPE inv_freq initializer) per layer type: theta 10k on
+        sliding layers, 1M (+ linear scaling) on global ones."""
+        out = []
         for layer_type in sorted(set(self.config.layer_types)):
             params = self.config.rope[layer_type]
             prefix = f"model.rotary_emb.{layer_type}"
@@ -362,6 +363,13 @@ class DecoderGraph:
                 f"{prefix}.inv_freq",
                 rope_inv_freq(self.config.head_dim, params.theta, params.factor),
             )
+            out.append((layer_type, prefix, inv_freq))
+        return out
+
+    def rotary(self, position_ids: ir.Value) -> dict[str, tuple[ir.Value, ir.Value]]:
+        """cos/sin per layer type, shared by every layer of that type."""
+        tables = {}
+        for layer_type, prefix, inv_freq in self.inv_freqs():
             tables[layer_type] = tuple(
                 self.op_multi(
                     "RotaryCosSin",

@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from gemma_onnx.builder.config import SLIDING
 from gemma_onnx.builder.functions import DOMAIN
-from gemma_onnx.builder.graph import OPSET, DecoderGraph, rope_inv_freq
+from gemma_onnx.builder.graph import OPSET, DecoderGraph
 from gemma_onnx.builder.quantize import QuantConfig, SharedComputation, matmul_nbits
 
 MS_DOMAIN = "com.microsoft"
@@ -312,13 +312,7 @@ class OrtDecoderGraph(DecoderGraph):
     def rotary(self, position_ids: ir.Value) -> dict[str, tuple[ir.Value, ...]]:
         """Per layer type: (cos, sin, rows) for ORT's RotaryEmbedding, in the compute dtype."""
         tables = {}
-        for layer_type in sorted(set(self.config.layer_types)):
-            params = self.config.rope[layer_type]
-            prefix = f"model.rotary_emb.{layer_type}"
-            inv_freq = self.const(
-                f"{prefix}.inv_freq",
-                rope_inv_freq(self.config.head_dim, params.theta, params.factor),
-            )
+        for layer_type, prefix, inv_freq in self.inv_freqs():
             cos, sin, rows = self.op_multi(
                 "RotaryCache", [position_ids, inv_freq], prefix,
                 [f"{prefix}.cos", f"{prefix}.sin", f"{prefix}.rows"], domain=DOMAIN,
