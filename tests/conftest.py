@@ -344,3 +344,11 @@ def real_hf_dir(tmp_path_factory, request) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def real_ort_dir(real_hf_dir, tmp_path_factory) -> Path:
+    """Real Gemma 3 270M built for ``--target ort`` (fp32), shared by the real-model tests."""
+    from gemma_onnx.builder import build_model
+
+    return build_model(real_hf_dir, tmp_path_factory.mktemp("real_ort") / "m", target="ort")

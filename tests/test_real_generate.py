@@ -12,7 +12,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from gemma_onnx.builder import build_model
 from gemma_onnx.cli import main
 
 pytestmark = pytest.mark.slow
@@ -35,8 +34,8 @@ def monkeypatch_module():
 
 
 @pytest.fixture(scope="module")
-def ort_build(real_hf_dir, tmp_path_factory):
-    return build_model(real_hf_dir, tmp_path_factory.mktemp("real_ort") / "m", target="ort")
+def ort_build(real_ort_dir):
+    return real_ort_dir
 
 
 def hf_continuation(oracle, prompt_ids: list[int], new_tokens: int) -> str:

@@ -22,11 +22,6 @@ def real_onnx_dir(real_hf_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def real_ort_dir(real_hf_dir, tmp_path_factory):
-    return build_model(real_hf_dir, tmp_path_factory.mktemp("real_ort") / "m", target="ort")
-
-
-@pytest.fixture(scope="module")
 def hf_model(real_hf_dir):
     from transformers import AutoModelForCausalLM
 
