@@ -236,11 +236,10 @@ class DecoderGraph:
         self, inputs: list[ir.Value], outputs: list[ir.Value], extra_opsets: dict | None = None
     ) -> ir.Model:
         cfg = self.config
-        for value in outputs[1:]:  # present.{i}.key / .value
+        for index, value in enumerate(outputs[1:]):  # present.{i}.key / .value
             value.dtype = self.ir_dtype
-            value.shape = ir.Shape(
-                ["batch_size", cfg.num_key_value_heads, self.present_sequence_dim(), cfg.head_dim]
-            )
+            length = self.present_sequence_dim(cfg.layer_types[index // 2])
+            value.shape = ir.Shape(["batch_size", cfg.num_key_value_heads, length, cfg.head_dim])
         graph = ir.Graph(
             inputs=inputs,
             outputs=outputs,
@@ -278,10 +277,10 @@ class DecoderGraph:
         entries = {"session.disable_prepacking": "0" if prepack else "1"}
         return {"gemma_onnx.session_config": json.dumps(entries)}
 
-    def past_sequence_dim(self) -> str:
+    def past_sequence_dim(self, layer_type: str) -> str | int:
         return "past_sequence_length"
 
-    def present_sequence_dim(self) -> str:
+    def present_sequence_dim(self, layer_type: str) -> str | int:
         return "total_sequence_length"
 
     def graph_inputs(self) -> tuple[list[ir.Value], list[ir.Value]]:
@@ -301,7 +300,7 @@ class DecoderGraph:
             ir.Value(
                 name=f"past_key_values.{i}.{kind}",
                 type=ir.TensorType(self.ir_dtype),
-                shape=ir.Shape(["batch_size", kv, self.past_sequence_dim(), dim]),
+                shape=ir.Shape(["batch_size", kv, self.past_sequence_dim(cfg.layer_types[i]), dim]),
             )
             for i in range(cfg.num_hidden_layers)
             for kind in ("key", "value")

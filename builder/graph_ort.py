@@ -3,8 +3,10 @@
 What changes against the portable graph (graph.py), and why:
 
 - ``GroupQueryAttention`` (com.microsoft) replaces our attention function, the Concat of past and
-  new KV, and both masks. Its past and present KV share one max-length buffer per layer that the
-  runtime binds once (``past_present_share_buffer``); causality and the sliding window
+  new KV, and both masks. Its past and present KV share one buffer per layer that the runtime
+  binds once (``past_present_share_buffer``): max-length on full-attention layers, window-sized on
+  sliding ones (``sliding_window_cache``: the kernel keeps the window's last positions itself, as
+  onnxruntime-genai's builder sets it up); causality and the sliding window
   (``local_window_size``) live in the kernel, and padding is per-row lengths (``seqlens_k``), so a
   batch is right-padded.
 - ``SimplifiedLayerNormalization`` replaces RMSNorm, and ``SkipSimplifiedLayerNormalization`` fuses
@@ -21,8 +23,8 @@ What changes against the portable graph (graph.py), and why:
 
 The I/O names are the portable contract's, with two differences the runtime knows about:
 ``past_key_values.*`` / ``present.*`` are ``[batch, kv_heads, max_sequence_length, head_dim]``
-buffers bound to the same memory, and ``attention_mask`` marks each row's valid tokens from the
-left (right padding).
+buffers (``sliding_window`` positions, a fixed dim, on sliding layers) bound to the same memory,
+and ``attention_mask`` marks each row's valid tokens from the left (right padding).
 """
 
 from __future__ import annotations
@@ -239,8 +241,8 @@ class OrtDecoderGraph(DecoderGraph):
         )
 
     def runtime_metadata(self) -> dict[str, str]:
-        """kv_cache 'shared': past and present are one [B, H, max_sequence_length, D] buffer per
-        tensor, bound to both; padding 'right': each row's tokens start at position 0."""
+        """kv_cache 'shared': past and present are one [B, H, max_sequence_length or window, D]
+        buffer per tensor, bound to both; padding 'right': each row's tokens start at 0."""
         return {"gemma_onnx.target": "ort", "gemma_onnx.kv_cache": "shared",
                 "gemma_onnx.padding": "right", **self.session_metadata()}  # fmt: skip
 
@@ -253,11 +255,13 @@ class OrtDecoderGraph(DecoderGraph):
         (prepacking it would add 0.66 GB on the 270M)."""
         return {"gemma_onnx.session_config": json.dumps({"session.disable_prepacking": "0"})}
 
-    def past_sequence_dim(self) -> str:
-        return "max_sequence_length"
+    def past_sequence_dim(self, layer_type: str) -> str | int:
+        """Sliding layers keep a window-sized buffer (GQA's ``sliding_window_cache``: the kernel
+        evicts what leaves the window); full-attention layers one of the generation's length."""
+        return self.config.sliding_window if layer_type == SLIDING else "max_sequence_length"
 
-    def present_sequence_dim(self) -> str:
-        return "max_sequence_length"
+    def present_sequence_dim(self, layer_type: str) -> str | int:
+        return self.past_sequence_dim(layer_type)
 
     def sequence_lengths(self, attention_mask: ir.Value) -> tuple[ir.Value, ir.Value]:
         """GQA's per-row ``seqlens_k`` (valid tokens - 1, int32 [B]) and the int32 scalar
@@ -359,13 +363,16 @@ class OrtDecoderGraph(DecoderGraph):
         # HF's window: slot j is visible from query q iff q - window < j <= q (`window` slots,
         # the query's own included); GQA's CPU kernel reads local_window_size the same way
         # (checked against HF in tests/test_ort_target.py).
-        window = cfg.sliding_window if layer_type == SLIDING else -1
+        # Sliding layers: `sliding_window_cache` makes the past/present buffer window-sized
+        # (past_sequence_dim); the kernel still takes absolute lengths and positions and keeps
+        # the last `window` slots itself (checked against HF across the window in the tests).
+        sliding = {"local_window_size": cfg.sliding_window, "sliding_window_cache": 1}
         context, present_key, present_value = self.op_multi(
             "GroupQueryAttention",
             [query, key, value, past_key, past_value, seqlens_k, total_length],
             f"{p}.attention", [f"{p}.attention/output", f"present.{i}.key", f"present.{i}.value"],
             domain=MS_DOMAIN, num_heads=heads, kv_num_heads=kv_heads, scale=cfg.attn_scale,
-            local_window_size=window,
+            **(sliding if layer_type == SLIDING else {"local_window_size": -1}),
         )  # fmt: skip
         return self.linear(context, f"{p}.o_proj"), [present_key, present_value]
 

@@ -40,12 +40,13 @@ class _Forward:
 
     def __init__(self, model_dir: Path, config: Gemma3Config, total: int):
         self.session = _session(model_dir)
-        shape = (1, config.num_key_value_heads, total, config.head_dim)
-        self.past = {
-            f"past_key_values.{i}.{kind}": np.zeros(shape, np.float32)
-            for i in range(config.num_hidden_layers)
-            for kind in ("key", "value")
-        }
+        self.past = {}
+        for spec in self.session.get_inputs():
+            if spec.name.startswith("past_key_values."):
+                # total positions, or a sliding layer's fixed window (sliding_window_cache)
+                length = spec.shape[2] if isinstance(spec.shape[2], int) else total
+                shape = (1, config.num_key_value_heads, length, config.head_dim)
+                self.past[spec.name] = np.zeros(shape, np.float32)
         self.outputs = ["logits"] + [n.replace("past_key_values", "present") for n in self.past]
 
     def __call__(self, ids: np.ndarray, start: int, end: int) -> np.ndarray:

@@ -178,7 +178,9 @@ class RunState:
     # [rows, H, past_length + seq, D] into `present[i]`; then the lists swap. Present must not
     # alias past, hence two buffers per tensor.
     # ORT-target graphs (kv_cache "shared"): `present` is `past`, one [B, H, T, D] buffer per
-    # tensor bound as both; GroupQueryAttention writes the new positions in place.
+    # tensor bound as both; GroupQueryAttention writes the new positions in place. Sliding
+    # layers' buffers are [B, H, window, D] instead (Session.kv_length): the kernel keeps the
+    # window's last positions there itself.
     past: list[DeviceBuffer]
     present: list[DeviceBuffer]
     # Logits of each row's last position: flat [B*V] float32 on the host, bound as [rows, 1, V]
@@ -225,8 +227,15 @@ class Session:
         self.device = "cuda" if provider == "cuda" else "cpu"
         self.session = _open_session(self.model_dir / "model.onnx", provider, threads)
         self.kv_names, kv_type = self._check_io()
+        # Positions each KV buffer holds: a fixed number where the graph declares one (an ORT-
+        # target sliding layer's window, kept by GQA's sliding_window_cache), else max_length.
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.kv_capacity: list[int | None] = [
+            dim if isinstance(dim := inputs[past].shape[2], int) else None
+            for past, _ in self.kv_names
+        ]
         meta = self.session.get_modelmeta().custom_metadata_map
-        # "shared": ORT-target graph, KV buffers of max length bound as both past and present.
+        # "shared": ORT-target graph, one KV buffer per tensor bound as both past and present.
         self.shared_kv = meta.get("gemma_onnx.kv_cache") == "shared"
         self.kv_dtype, self.kv_onnx_type = _KV_TYPES[kv_type]
         optional = self.session.get_overridable_initializers() + self.session.get_inputs()
@@ -281,13 +290,14 @@ class Session:
     def allocate(self, batch: int, max_length: int) -> RunState:
         """Allocate every buffer for ``batch`` rows of up to ``max_length`` positions, once."""
         spec = self.spec
-        kv_size = batch * spec.num_kv_heads * max_length * spec.head_dim
+
+        sizes = [
+            batch * spec.num_kv_heads * self.kv_length(i, max_length) * spec.head_dim
+            for i in range(len(self.kv_names))
+        ]
 
         def kv() -> list[DeviceBuffer]:
-            return [
-                DeviceBuffer(kv_size, self.kv_dtype, self.kv_onnx_type, self.device)
-                for _ in self.kv_names
-            ]
+            return [DeviceBuffer(n, self.kv_dtype, self.kv_onnx_type, self.device) for n in sizes]
 
         past = kv()
         return RunState(
@@ -305,6 +315,11 @@ class Session:
             next_position=np.zeros(batch, np.int64),
             seen=np.zeros((batch, spec.vocab_size), bool),
         )
+
+    def kv_length(self, index: int, max_length: int) -> int:
+        """Positions KV buffer ``index`` holds: its graph's fixed window, or ``max_length``."""
+        capacity = self.kv_capacity[index]
+        return max_length if capacity is None else capacity
 
     def _bind_tokens(
         self, state: RunState, rows: int, seq: int, total: int, first_row: int = 0
@@ -339,9 +354,12 @@ class Session:
             "logits", "cpu", 0, _FLOAT32, [rows, 1, spec.vocab_size], state.logits.ctypes.data
         )
         if state.kv_bound != (rows, first_row):
-            heads, dim, length = spec.num_kv_heads, spec.head_dim, state.max_length
-            shape, offset = (rows, heads, length, dim), first_row * heads * length * dim
-            for (past_name, present_name), buffer in zip(self.kv_names, state.past, strict=True):
+            heads, dim = spec.num_kv_heads, spec.head_dim
+            for index, ((past_name, present_name), buffer) in enumerate(
+                zip(self.kv_names, state.past, strict=True)
+            ):
+                length = self.kv_length(index, state.max_length)
+                shape, offset = (rows, heads, length, dim), first_row * heads * length * dim
                 buffer.bind_input(b, past_name, shape, offset)
                 buffer.bind_output(b, present_name, shape, offset)
             state.kv_bound = (rows, first_row)

@@ -346,6 +346,19 @@ def real_hf_dir(tmp_path_factory, request) -> Path:
     return folder
 
 
+def shared_kv_feed(session, ids: np.ndarray, max_length: int) -> dict:
+    """An ORT-target (shared KV) first step over ``ids``, every position's logits: empty KV
+    buffers of ``max_length`` positions, or of a sliding layer's fixed window."""
+    feed = contract_feed(session, ids)
+    for spec in session.get_inputs():
+        if spec.name.startswith("past_key_values."):
+            _, heads, length, dim = spec.shape
+            length = length if isinstance(length, int) else max_length
+            feed[spec.name] = np.zeros((ids.shape[0], heads, length, dim), np.float32)
+    feed["logits_to_keep"] = np.array(0, np.int64)
+    return feed
+
+
 @pytest.fixture(scope="session")
 def real_ort_dir(real_hf_dir, tmp_path_factory) -> Path:
     """Real Gemma 3 270M built for ``--target ort`` (fp32), shared by the real-model tests."""

@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import assert_close, contract_feed, make_causal_lm, ort_session
+from conftest import assert_close, contract_feed, make_causal_lm, ort_session, shared_kv_feed
 from gemma_onnx.api import Gemma
 from gemma_onnx.builder import build_model
 from gemma_onnx.builder.quantize import QuantConfig, dequantize_nbits, matmul_nbits
@@ -47,12 +47,7 @@ def hf_greedy(oracle, prompt: list[int], new_tokens: int) -> list[int]:
 def shared_kv_logits(folder, ids: np.ndarray, max_length: int) -> np.ndarray:
     """All-position logits through the ORT target's I/O: KV buffers of max length."""
     session = ort_session(folder)
-    feed = contract_feed(session, ids)
-    for name in [n for n in feed if n.startswith("past_key_values.")]:
-        heads, dim = feed[name].shape[1], feed[name].shape[3]
-        feed[name] = np.zeros((ids.shape[0], heads, max_length, dim), np.float32)
-    feed["logits_to_keep"] = np.array(0, np.int64)
-    return session.run(["logits"], feed)[0]
+    return session.run(["logits"], shared_kv_feed(session, ids, max_length))[0]
 
 
 def test_ort_target_logits_match_hf(checkpoint, ort_build):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close, contract_feed, max_diff_report, ort_session
+from conftest import assert_close, contract_feed, max_diff_report, ort_session, shared_kv_feed
 from gemma_onnx.builder import build_model
 
 pytestmark = pytest.mark.slow
@@ -81,12 +81,7 @@ def test_ort_target_teacher_forced_logits_match_hf(real_ort_dir, hf_model, token
     at the same limit as the portable graph, through max-length shared KV buffers."""
     ids = long_prompt_ids(tokenizer, 600)  # > the 512-token sliding window
     session = ort_session(real_ort_dir, optimize=True)
-    feed = contract_feed(session, ids)
-    for name in [n for n in feed if n.startswith("past_key_values.")]:
-        heads, dim = feed[name].shape[1], feed[name].shape[3]
-        feed[name] = np.zeros((1, heads, 640, dim), np.float32)
-    feed["logits_to_keep"] = np.array(0, np.int64)  # every position
-    logits = session.run(["logits"], feed)[0]
+    logits = session.run(["logits"], shared_kv_feed(session, ids, 640))[0]
     with torch.no_grad():
         expected = hf_model(torch.from_numpy(ids)).logits.numpy()
     assert_close(logits, expected, "real_fp32_logits")
