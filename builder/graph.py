@@ -101,6 +101,8 @@ class _WeightConverter:
 class DecoderGraph:
     """Builds the graph; one method per architectural piece, called top-down by :meth:`build`."""
 
+    TARGET = "portable"  # --target
+
     def __init__(
         self,
         config: Gemma3Config,
@@ -398,10 +400,15 @@ class DecoderGraph:
             self._values[key] = self.dequantized(hf_name)
         return self._values[key]
 
+    @property
+    def layer_quant(self) -> QuantConfig:
+        """How the decoder layers' projections are quantized on this target (--layer-bits)."""
+        return self.quant.for_layers(self.TARGET)
+
     def dequantized(self, hf_name: str) -> ir.Value:
         # Only the decoder layers' projections come here (the portable graph keeps the
         # embedding table in float: Gather and Gemm read it as it is).
-        quant = self.quant.for_layers("portable")
+        quant = self.layer_quant
         out, k = self.weights.shape(hf_name)
         if k % quant.block_size:
             raise GemmaOnnxError(

@@ -45,6 +45,8 @@ MS_DOMAIN = "com.microsoft"
 class OrtDecoderGraph(DecoderGraph):
     """The decoder for ONNX Runtime's CPU and CUDA providers."""
 
+    TARGET = "ort"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Quantized weights use com.microsoft's MatMulNBits here, not opset 21's
@@ -125,9 +127,7 @@ class OrtDecoderGraph(DecoderGraph):
     def linear(self, x: ir.Value, module: str) -> ir.Value:
         if self.quant is None:
             return super().linear(x, module)
-        weights = self.quantized(
-            (f"{module}.weight",), f"{module}.weight", self.quant.for_layers("ort")
-        )
+        weights = self.quantized((f"{module}.weight",), f"{module}.weight", self.layer_quant)
         y = self.matmul_nbits(x, weights, module)
         if self.config.attention_bias and f"{module}.bias" in self.weights.tensors:
             y = self.op("Add", [y, self.weight(f"{module}.bias", "bias")], f"{module}.bias_add")
@@ -192,9 +192,7 @@ class OrtDecoderGraph(DecoderGraph):
         if self.quant is not None:
             names = tuple(f"{module}.{p}.weight" for p in projections)
             fused = "_".join(p.removesuffix("_proj") for p in projections)
-            weights = self.quantized(
-                names, f"{module}.{fused}_proj.weight", self.quant.for_layers("ort")
-            )
+            weights = self.quantized(names, f"{module}.{fused}_proj.weight", self.layer_quant)
             y = self.matmul_nbits(x, weights, name)
         else:
             y = self.op("MatMul", [x, self.fused_linear_weight(module, projections)], name)
