@@ -119,7 +119,7 @@ def test_rotary_cache_feeds_orts_fused_rotary_like_hf():
     emb = np.concatenate([angles, angles], axis=-1)[:, :, None]  # [B, S, 1, D]
     rotated = np.concatenate([-x[..., head_dim // 2 :], x[..., : head_dim // 2]], axis=-1)
     expected = x * np.cos(emb) + rotated * np.sin(emb)
-    np.testing.assert_allclose(y.reshape(x.shape), expected, atol=1e-5)
+    np.testing.assert_allclose(y.reshape(x.shape), expected, atol=1e-6)
 
 
 def reference_mask(attention_mask: np.ndarray, new: int, window: int | None) -> np.ndarray:

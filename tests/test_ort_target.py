@@ -93,9 +93,13 @@ def test_shared_kv_buffers_are_bound_once_per_row_range(checkpoint, ort_build, m
     )
     assert len(binds) == kv_tensors  # 1 prefill + 11 decode steps, bound once
     binds.clear()
-    gemma.generate([prompt, prompt[:5]], max_new_tokens=12, ignore_eos=True)
-    # two one-row prefills (rows 0 and 1), then the two-row decode
-    assert len(binds) <= 3 * kv_tensors
+    batch = gemma.generate([prompt, prompt[:5]], max_new_tokens=12, ignore_eos=True)
+    assert [row.token_ids for row in batch] == [
+        hf_greedy(oracle, p, 12) for p in (prompt, prompt[:5])
+    ]
+    # A new two-row state: one-row prefills of rows 0 and 1, then the two-row decode (11 steps)
+    ranges = [(shape[0], offset) for _, shape, offset in binds[::kv_tensors]]
+    assert len(binds) == 3 * kv_tensors and [rows for rows, _ in ranges] == [1, 1, 2], ranges
 
 
 def test_chunked_prefill_equals_hf(checkpoint, ort_build, monkeypatch):

@@ -624,14 +624,7 @@ MODEL_CASES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
 }
 
 
-@pytest.mark.parametrize("case", MODEL_CASES)
-def test_broken_model_folder_fails_in_one_clear_line(case, model_copy):
-    damage, fragments = MODEL_CASES[case]
-    damage(model_copy)
-    assert_clean_error(generate(model_copy, "--max-new-tokens", "2", "hello"), *fragments)
-
-
-SESSION_CASES = {
+SESSION_CASES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
     "empty model.onnx": (
         lambda model: (model / "model.onnx").write_bytes(b""),
         ["model.onnx: onnxruntime cannot load it"],
@@ -655,9 +648,9 @@ SESSION_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", SESSION_CASES)
-def test_broken_model_folder_checked_by_the_session(case, model_copy):
-    damage, fragments = SESSION_CASES[case]
+@pytest.mark.parametrize("case", {**MODEL_CASES, **SESSION_CASES})
+def test_broken_model_folder_fails_in_one_clear_line(case, model_copy):
+    damage, fragments = {**MODEL_CASES, **SESSION_CASES}[case]
     damage(model_copy)
     assert_clean_error(generate(model_copy, "--max-new-tokens", "2", "hello"), *fragments)
 
