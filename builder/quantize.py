@@ -47,8 +47,8 @@ class QuantConfig:
     # agreement (README, "Quantization").
     accuracy_level: int = 4
     # Width of the decoder layers' q/k/v/o and gate/up/down projections, 4 or 8. None: 8 on the
-    # ORT target, where ``bits`` is the tied table's width (Gemma 3 270M int4: 81.6% top-1
-    # agreement against 69.0% with 4-bit layers, for 49 MB more and 10-15% slower decode; README,
+    # ORT target, where ``bits`` is the tied table's width (Gemma 3 270M int4: 81.3% top-1
+    # agreement against 69.6% with 4-bit layers, for 49 MB more and 10-15% slower decode; README,
     # "Quantization"); ``bits`` on the portable target, whose table stays float.
     layer_bits: int | None = None
 
