@@ -102,6 +102,10 @@ class DecoderGraph:
     """Builds the graph; one method per architectural piece, called top-down by :meth:`build`."""
 
     TARGET = "portable"  # --target
+    # The LM head multiplies [rows, E] (Gemm is 2-D only), and a Reshape restores [B, S', V].
+    # Where the head is a MatMul, it takes [B, S', E] and writes the logits itself: the Reshape
+    # would copy the whole [B, S', V] into the bound output buffer every step (1 MB on Gemma 3).
+    HEAD_ON_ROWS = True
 
     def __init__(
         self,
@@ -528,8 +532,9 @@ class DecoderGraph:
         return self.fn("GeluTanhMLP", [hidden, *weights], module)
 
     def head_scores(self, flat: ir.Value) -> ir.Value:
-        """[rows, E] -> [rows, V]; the tied head reads the embedding table through
-        Gemm(transB=1): one [V, E] matrix in the file and in memory."""
+        """[rows, E] -> [rows, V] ([B, S', E] -> [B, S', V] where HEAD_ON_ROWS is off); the
+        tied head reads the embedding table through Gemm(transB=1): one [V, E] matrix in the
+        file and in memory."""
         if self.config.tie_word_embeddings:
             table = self.weight("model.embed_tokens.weight", "embed")
             return self.op("Gemm", [flat, table], "lm_head", transB=1)
@@ -566,12 +571,13 @@ class DecoderGraph:
             "lm_head.keep",
         )  # [B, S', E]
         hidden = self.to_compute(self.rms_norm(kept, "model.norm") if final_norm else kept)
-        flat = self.op(
-            "Reshape",
-            [hidden, self.const("shape.rows", np.array([-1, cfg.hidden_size], dtype=np.int64))],
-            "lm_head.flatten",
-        )
-        scores = self.head_scores(flat)  # [rows, V]
+        if self.HEAD_ON_ROWS:
+            hidden = self.op(
+                "Reshape",
+                [hidden, self.const("shape.rows", np.array([-1, cfg.hidden_size], np.int64))],
+                "lm_head.flatten",
+            )
+        scores = self.head_scores(hidden)  # [rows, V], or [B, S', V]
         if self.ir_dtype != ir.DataType.FLOAT:
             scores = self.op("Cast", [scores], "lm_head.to_float", to=ir.DataType.FLOAT)
         if cfg.final_logit_softcapping:
@@ -588,14 +594,18 @@ class DecoderGraph:
                 ],
                 "lm_head.softcap",
             )
-        batch_seq = self.op("Shape", [kept], "lm_head.batch_seq", start=0, end=2)
-        shape = self.op(
-            "Concat",
-            [batch_seq, self.const("shape.vocab", np.array([cfg.vocab_size], np.int64))],
-            "lm_head.logits_shape",
-            axis=0,
-        )
-        logits = self.op("Reshape", [scores, shape], "lm_head.unflatten", out="logits")
+        if self.HEAD_ON_ROWS:
+            batch_seq = self.op("Shape", [kept], "lm_head.batch_seq", start=0, end=2)
+            shape = self.op(
+                "Concat",
+                [batch_seq, self.const("shape.vocab", np.array([cfg.vocab_size], np.int64))],
+                "lm_head.logits_shape",
+                axis=0,
+            )
+            logits = self.op("Reshape", [scores, shape], "lm_head.unflatten", out="logits")
+        else:
+            logits = scores
+            logits.name = "logits"
         logits.dtype = ir.DataType.FLOAT
         logits.shape = ir.Shape(["batch_size", "sequence_length", cfg.vocab_size])
         return logits

@@ -46,6 +46,7 @@ class OrtDecoderGraph(DecoderGraph):
     """The decoder for ONNX Runtime's CPU and CUDA providers."""
 
     TARGET = "ort"
+    HEAD_ON_ROWS = False  # MatMul / MatMulNBits: the head writes [B, S', V] into the logits
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -159,6 +159,10 @@ def test_ort_target_uses_fused_kernels(ort_build):
     assert not [o for o in concatenated if o.startswith("present.")], "KV is written in place"
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["gemma_onnx.kv_cache"] == "shared"
+    # The LM head's MatMul writes the [B, S', V] logits itself: no Reshape copies them into the
+    # bound output buffer each step (the portable target's Gemm needs 2-D rows and one).
+    (head,) = [n for n in model.graph.node if "logits" in n.output]
+    assert head.op_type == "MatMul"
 
 
 def test_matmul_nbits_packing_roundtrips():
