@@ -14,7 +14,8 @@ import pytest
 
 from gemma_onnx.tools import benchmark
 
-OURS = ("ours-fp32", "ours-int4", "ours-int4-4bit", "ours-portable")
+OURS = ("ours-fp32", "ours-int4", "ours-int4-4bit", "ours-portable", "ours-int4-text")
+BUILT = OURS[:-1]  # ours-int4-text runs ours-int4's folder
 
 
 def _word_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -78,7 +79,7 @@ def test_benchmark_reports_our_engines(tiny_hf, tmp_path, capsys):
     assert rows[0]["same tokens as ours-fp32"] == "8/8"
 
     builds = _markdown_rows(out, "build")
-    assert [(row["build"], row["cache"]) for row in builds] == [(n, "built now") for n in OURS]
+    assert [(row["build"], row["cache"]) for row in builds] == [(n, "built now") for n in BUILT]
     assert all(float(row["peak RSS GB"]) > 0 and float(row["wall s"]) >= 0 for row in builds)
     assert " skipped" not in out and " failed" not in out
     assert "note: CPUs idle in the second before each run" in out
@@ -90,6 +91,8 @@ def test_benchmark_reports_our_engines(tiny_hf, tmp_path, capsys):
         (run,) = results["engines"][name]["runs"]
         assert run["prompt_tokens"] == 40 and len(run["tokens"]) == 8
         assert run["decode"] > 0 and run["prefill"] > 0 and run["rss"] > 0
+    tokens = {name: results["engines"][name]["runs"][0]["tokens"] for name in OURS}
+    assert tokens["ours-int4-text"] == tokens["ours-int4"]  # the same folder, run with text on
 
 
 def test_benchmark_reuses_builds_and_skips_missing_engines(tiny_hf, tmp_path, capsys):

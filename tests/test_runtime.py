@@ -203,6 +203,24 @@ def test_generation_without_logits_to_keep(tiny, tmp_path):
     assert plain.generate(PROMPT, max_new_tokens=8, ignore_eos=True).token_ids == expected
 
 
+def test_without_the_tokenizer_ids_in_ids_out(tiny, gemma):
+    """tokenizer=False: the same tokens for token-id prompts, no text, and a clear error for
+    everything that needs the tokenizer."""
+    bare = Gemma(tiny[0], threads=1, tokenizer=False)
+    assert bare.tokenizer is None
+    expected = gemma.generate(PROMPT, max_new_tokens=8, ignore_eos=True)
+    completion = bare.generate(PROMPT, max_new_tokens=8, ignore_eos=True)
+    assert completion.token_ids == expected.token_ids
+    assert completion.text is None and expected.text is not None
+    for call in (
+        lambda: bare.generate("hello", max_new_tokens=2),
+        lambda: bare.generate(PROMPT, max_new_tokens=2, stop=["x"]),
+        lambda: bare.stream("hello", max_new_tokens=2),
+    ):
+        with pytest.raises(GemmaOnnxError, match="opened with tokenizer=False"):
+            call()
+
+
 def test_stream_decoder_never_splits_a_character(tiny):
     tokenizer = TextTokenizer.from_folder(tiny[0])
     text = "hi 😀 中文 ok ☕!"

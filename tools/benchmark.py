@@ -8,6 +8,8 @@ Why it is shaped this way:
 - Runs are interleaved round-robin (A B C A B C ...): on a shared, noisy machine the noise then
   hits every engine alike, and medians and ratios mean something.
 - Every engine gets the same prompt ids (real text, our tokenizer, cut to ``--prompt-tokens``),
+  returns token ids (no engine loads a tokenizer, except llama.cpp, whose vocabulary is part of
+  its model file, and ``ours-int4-text``, which shows what ours adds for text),
   greedy decoding and no eos stop, and is timed the same way: prefill = the forward over the
   prompt plus the pick of the first new token; decode = (new tokens - 1) / the time of the
   remaining steps. One short warm-up generation (same prompt, 2 new tokens) precedes the measured
@@ -40,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-OURS = ("ours-fp32", "ours-int4", "ours-int4-4bit", "ours-portable")
+OURS = ("ours-fp32", "ours-int4", "ours-int4-4bit", "ours-portable", "ours-int4-text")
 ENGINES = (*OURS, "torch", "genai-fp32", "genai-int4", "llama")
 BASELINES = ("torch", "genai-fp32", "genai-int4", "llama")
 LABELS = {
@@ -48,6 +50,7 @@ LABELS = {
     "ours-int4": "gemma-onnx int4 (4-bit table, 8-bit layers), ort target",
     "ours-int4-4bit": "gemma-onnx int4 --layer-bits 4 (all 4-bit), ort target",
     "ours-portable": "gemma-onnx fp32, portable target",
+    "ours-int4-text": "gemma-onnx int4 (default), tokenizer loaded (text prompts, the CLI)",
     "torch": "PyTorch + transformers fp32 eager",
     "genai-fp32": "onnxruntime-genai fp32",
     "genai-int4": "onnxruntime-genai int4",
@@ -308,6 +311,8 @@ BUILD_ARGS = {  # engine -> how its folder is made
     "genai-fp32": {"builder": "genai", "precision": "fp32"},
     "genai-int4": {"builder": "genai", "precision": "int4"},
 }
+# Engines that run another engine's folder (the same build, run another way).
+SAME_BUILD = {"ours-int4-text": "ours-int4"}
 
 
 def source_digest(*packages: str) -> str:
@@ -683,15 +688,19 @@ def benchmark(args: argparse.Namespace) -> int:
         if python is None:
             notes.append(f"{name} skipped: {problem}")
             continue
-        spec: dict[str, Any] = {"hf_dir": str(hf_dir)}
-        if name in BUILD_ARGS:
-            build, problem = ensure_build(
-                name, python, hf_dir, args.work_dir, versions, args.rebuild, args.timeout
-            )
+        spec: dict[str, Any] = {"hf_dir": str(hf_dir), "tokenizer": name.endswith("-text")}
+        build_name = SAME_BUILD.get(name, name)
+        if build_name in BUILD_ARGS:
+            build, problem = builds.get(build_name), None
+            if build is None:
+                build, problem = ensure_build(
+                    build_name, python, hf_dir, args.work_dir, versions, args.rebuild,
+                    args.timeout,
+                )  # fmt: skip
             if build is None:
                 notes.append(f"{name} skipped: {problem}")
                 continue
-            builds[name] = build
+            builds[build_name] = build
             spec["model"] = str(build.folder)
         if name == "llama":
             path, problem = find_gguf(gguf, args.work_dir)
@@ -800,10 +809,13 @@ def _build_genai(spec: dict) -> None:
 
 
 def _run_ours(spec: dict, ids: list[int], new: int, threads: int) -> dict:
+    """Token ids in, token ids out, like every other engine here: no tokenizer is loaded
+    (the genai and PyTorch runs load none either), except in the ``-text`` engine, which
+    measures what the tokenizer adds for text prompts and the CLI."""
     from gemma_onnx.api import Gemma
 
     start = time.perf_counter()
-    gemma = Gemma(spec["model"], threads=threads)
+    gemma = Gemma(spec["model"], threads=threads, tokenizer=spec.get("tokenizer", False))
     load = time.perf_counter() - start
     gemma.generate(ids, max_new_tokens=2, ignore_eos=True)  # warm-up
     completion = gemma.generate(ids, max_new_tokens=new, ignore_eos=True)
