@@ -29,7 +29,7 @@ import onnx_ir as ir
 from gemma_onnx.builder.config import Gemma3Config
 from gemma_onnx.builder.graph import ALIAS_OF, build_graph
 from gemma_onnx.builder.interop import write_genai_config, write_transformers_js_layout
-from gemma_onnx.builder.quantize import BITS, QuantConfig
+from gemma_onnx.builder.quantize import BITS, QuantConfig, check_block_size
 from gemma_onnx.builder.report import write_quality_report
 from gemma_onnx.builder.weights import find_safetensors, load_checkpoint
 from gemma_onnx.errors import GemmaOnnxError
@@ -234,6 +234,12 @@ def build_model(
     config = Gemma3Config.from_file(config_path)
     config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")))
     generation = _generation_config(source, config_json)
+    if precision in BITS:
+        check_block_size(
+            (quant or QuantConfig(bits=BITS[precision])).block_size,
+            {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+             "num_attention_heads * head_dim": config.num_attention_heads * config.head_dim},
+        )  # fmt: skip
     checkpoint = load_checkpoint(weights, config)
     model = build_graph(config, checkpoint, precision, target, quant)
 

@@ -92,6 +92,23 @@ class QuantConfig:
         }
 
 
+def check_block_size(block_size: int, input_sizes: dict[str, int]) -> None:
+    """Each quantized weight's input size (K) must be whole blocks: say which size is not, and
+    which block sizes would do, before anything is built."""
+    for name, size in input_sizes.items():
+        if size % block_size:
+            fits = [b for b in (16, 32, 64, 128, 256, 512, 1024) if b <= block_size]
+            fits = [b for b in fits if all(s % b == 0 for s in input_sizes.values())]
+            hint = (
+                f"--block-size {fits[-1]} divides them all"
+                if fits
+                else "no block size divides them all: build with --precision fp32 or fp16"
+            )
+            raise GemmaOnnxError(
+                f"--block-size {block_size} does not divide the model's {name} ({size}); {hint}"
+            )
+
+
 def matmul_nbits(weight_kn: np.ndarray, config: QuantConfig) -> dict[str, np.ndarray]:
     """Quantizes a float32 [K, N] weight for MatMulNBits; K must be a multiple of block_size."""
     k, n = weight_kn.shape

@@ -161,6 +161,18 @@ def test_bad_input_fails_with_a_clear_message(damage, fragments, source, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_block_size_that_does_not_divide_the_model_is_refused_up_front(source, tmp_path):
+    """The tiny model's MLP is 96 wide: 64-weight blocks do not fit it, 32 do."""
+    out = tmp_path / "out"
+    args = ["--weights", str(source), "--output", str(out), "--precision", "int4"]
+    result = run_cli("build", *args, "--block-size", "64")
+    assert_clean_failure(
+        result, "--block-size 64 does not divide", "intermediate_size (96)",
+        "--block-size 32 divides them all",
+    )  # fmt: skip
+    assert not out.exists()
+
+
 def test_tensor_problems_are_reported_all_at_once(source, tmp_path):
     ckpt = copy_checkpoint(source, tmp_path)
     weights = load_file(ckpt / "model.safetensors")
