@@ -29,7 +29,7 @@ import onnx_ir as ir
 from gemma_onnx.builder.config import Gemma3Config
 from gemma_onnx.builder.graph import ALIAS_OF, build_graph
 from gemma_onnx.builder.interop import write_genai_config, write_transformers_js_layout
-from gemma_onnx.builder.quantize import BITS, QuantConfig, check_block_size
+from gemma_onnx.builder.quantize import BITS, QuantConfig
 from gemma_onnx.builder.report import write_quality_report
 from gemma_onnx.builder.weights import find_safetensors, load_checkpoint
 from gemma_onnx.errors import GemmaOnnxError
@@ -235,11 +235,8 @@ def build_model(
     config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")))
     generation = _generation_config(source, config_json)
     if precision in BITS:
-        check_block_size(
-            (quant or QuantConfig(bits=BITS[precision])).block_size,
-            {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-             "num_attention_heads * head_dim": config.num_attention_heads * config.head_dim},
-        )  # fmt: skip
+        quant = quant or QuantConfig(bits=BITS[precision])
+        quant.check_block_size(config)
     checkpoint = load_checkpoint(weights, config)
     model = build_graph(config, checkpoint, precision, target, quant)
 
@@ -254,7 +251,7 @@ def build_model(
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is ordinary
         _write_files(model, staging, source, config_json, generation, progress)
         if precision in BITS:  # quantized: measure what it costs, on this very build
-            quantization = (quant or QuantConfig(bits=BITS[precision])).describe(target)
+            quantization = quant.describe(target)
             write_quality_report(staging, config, checkpoint, quantization)
         if target == "portable":  # onnxruntime-genai reads the folder through this file
             write_genai_config(staging, config_json, generation)

@@ -67,6 +67,29 @@ class QuantConfig:
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise GemmaOnnxError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
 
+    def check_block_size(self, config) -> None:
+        """Every quantized weight's input size (K) is whole blocks: the hidden, MLP and attention
+        widths of ``config`` (a Gemma3Config). Says which is not and which block size fits, before
+        anything is built."""
+        widths = {
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_attention_heads * head_dim": config.num_attention_heads * config.head_dim,
+        }
+        for name, width in widths.items():
+            if width % self.block_size:
+                fits = (b for b in (1024, 512, 256, 128, 64, 32, 16) if b < self.block_size)
+                fit = next((b for b in fits if all(w % b == 0 for w in widths.values())), None)
+                hint = (
+                    f"--block-size {fit} divides them all"
+                    if fit
+                    else "no block size divides them all: build with --precision fp32 or fp16"
+                )
+                raise GemmaOnnxError(
+                    f"--block-size {self.block_size} does not divide the model's {name} "
+                    f"({width}); {hint}"
+                )
+
     def layer_width(self, target: str) -> int:
         """The decoder layers' bits on ``target`` ("ort" or "portable")."""
         if self.layer_bits is not None:
@@ -90,23 +113,6 @@ class QuantConfig:
             "block_size": self.block_size,
             "accuracy_level": self.accuracy_level,
         }
-
-
-def check_block_size(block_size: int, input_sizes: dict[str, int]) -> None:
-    """Each quantized weight's input size (K) must be whole blocks: say which size is not, and
-    which block sizes would do, before anything is built."""
-    for name, size in input_sizes.items():
-        if size % block_size:
-            fits = [b for b in (16, 32, 64, 128, 256, 512, 1024) if b <= block_size]
-            fits = [b for b in fits if all(s % b == 0 for s in input_sizes.values())]
-            hint = (
-                f"--block-size {fits[-1]} divides them all"
-                if fits
-                else "no block size divides them all: build with --precision fp32 or fp16"
-            )
-            raise GemmaOnnxError(
-                f"--block-size {block_size} does not divide the model's {name} ({size}); {hint}"
-            )
 
 
 def matmul_nbits(weight_kn: np.ndarray, config: QuantConfig) -> dict[str, np.ndarray]:

@@ -50,6 +50,14 @@ def shared_kv_logits(folder, ids: np.ndarray, max_length: int) -> np.ndarray:
     return session.run(["logits"], shared_kv_feed(session, ids, max_length))[0]
 
 
+def target_logits(folder, ids: np.ndarray, target: str) -> np.ndarray:
+    """All-position logits of a build through its target's I/O contract."""
+    if target == "ort":
+        return shared_kv_logits(folder, ids, 32)
+    session = ort_session(folder)
+    return session.run(["logits"], contract_feed(session, ids))[0]
+
+
 def test_ort_target_logits_match_hf(checkpoint, ort_build):
     _, oracle = checkpoint
     ids = np.random.default_rng(0).integers(3, 320, size=(1, 17))  # > sliding window 5
@@ -193,11 +201,7 @@ def test_quantized_builds_run_and_agree(checkpoint, tmp_path, precision, target)
     ids = np.random.default_rng(3).integers(3, 320, size=(1, 24))
     with torch.no_grad():
         expected = oracle(torch.from_numpy(ids)).logits.numpy()
-    if target == "ort":
-        logits = shared_kv_logits(out, ids, 32)
-    else:
-        session = ort_session(out)
-        logits = session.run(["logits"], contract_feed(session, ids))[0]
+    logits = target_logits(out, ids, target)
     agreement = (logits.argmax(-1) == expected.argmax(-1)).mean()
     # Random tiny weights have no outliers to protect: 8 bits keep nearly every token, 4 bits
     # most. Real-model agreement is measured by the build itself (quality.json).
@@ -221,11 +225,7 @@ def test_untied_lm_head(tmp_path, target):
         expected = oracle(torch.from_numpy(ids)).logits.numpy()
     for precision in ("fp32", "int4"):
         out = build_model(tmp_path / "hf", tmp_path / precision, target=target, precision=precision)
-        if target == "ort":
-            logits = shared_kv_logits(out, ids, 32)
-        else:
-            session = ort_session(out)
-            logits = session.run(["logits"], contract_feed(session, ids))[0]
+        logits = target_logits(out, ids, target)
         if precision == "fp32":
             assert_close(logits, expected, "tiny_fp32_logits")
         else:  # the bound test_quantized_builds_run_and_agree holds int4 to
