@@ -1,10 +1,10 @@
 """Measured quality of a quantized build: teacher-forced top-1 agreement with the fp32 model.
 
 Both graphs run over the same held-out text (``data/heldout.txt``: original prose written for
-this purpose, ~600 tokens) in one forward pass each; at every position, the quantized model's
-most likely next token either equals the fp32 model's or not. The fraction that agree, and the
-largest logit difference, go into ``quality.json`` beside the model, so the number a user sees
-is measured on their build, not quoted.
+this purpose, ~600 tokens), chunk by chunk with their KV caches; at every position, the
+quantized model's most likely next token either equals the fp32 model's or not. The fraction
+that agree, and the largest logit difference, go into ``quality.json`` beside the model, so the
+number a user sees is measured on their build, not quoted.
 """
 
 from __future__ import annotations
@@ -22,29 +22,38 @@ from gemma_onnx.builder.config import Gemma3Config
 REPORT_FILE = "quality.json"
 
 
-def _session(model_dir: Path) -> ort.InferenceSession:
+def _session(model_dir: Path) -> tuple[ort.InferenceSession, dict[str, str]]:
+    """The session, with the settings the build recorded, and the model's metadata."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     model = onnx.load(str(model_dir / "model.onnx"), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == "gemma_onnx.session_config":
-            for key, value in json.loads(prop.value).items():
-                options.add_session_config_entry(key, value)
-    return ort.InferenceSession(
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    for key, value in json.loads(metadata.get("gemma_onnx.session_config", "{}")).items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(
         str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
     )
+    return session, metadata
 
 
 class _Forward:
-    """One ORT-target session run chunk by chunk over one row, its KV in numpy buffers."""
+    """One session of either target run chunk by chunk over one row, its KV in numpy arrays:
+    on the ORT target, buffers of all positions (or a sliding layer's fixed window) that
+    past and present share; on the portable one, a past that starts empty and that each
+    chunk's present (past + new) replaces."""
 
     def __init__(self, model_dir: Path, config: Gemma3Config, total: int):
-        self.session = _session(model_dir)
+        self.session, metadata = _session(model_dir)
+        shared = metadata.get("gemma_onnx.kv_cache") == "shared"
         self.past = {}
         for spec in self.session.get_inputs():
             if spec.name.startswith("past_key_values."):
-                # total positions, or a sliding layer's fixed window (sliding_window_cache)
-                length = spec.shape[2] if isinstance(spec.shape[2], int) else total
+                if not shared:
+                    length = 0
+                elif isinstance(spec.shape[2], int):  # sliding_window_cache
+                    length = spec.shape[2]
+                else:
+                    length = total
                 shape = (1, config.num_key_value_heads, length, config.head_dim)
                 self.past[spec.name] = np.zeros(shape, np.float32)
         self.outputs = ["logits"] + [n.replace("past_key_values", "present") for n in self.past]
@@ -83,7 +92,7 @@ def measure_agreement(
     ids: np.ndarray,
     chunk: int = 128,
 ) -> dict:
-    """Teacher-forced top-1 agreement of two ORT-target builds on ``ids``, in chunks of
+    """Teacher-forced top-1 agreement of two builds (either target) on ``ids``, in chunks of
     ``chunk`` positions so no [T, vocab] logits matrix is ever held whole."""
     total = ids.shape[1]
     reference = _Forward(reference_dir, config, total)
