@@ -30,10 +30,11 @@ SUPPORTED_DTYPES = {
 }
 
 # Where the text decoder lives, per checkpoint kind. Each entry: (decoder prefix, lm_head name).
+# Tried in order, so "model." (which also begins the 5.x ConditionalGeneration names) comes last.
 PREFIXES = (
-    ("model.", "lm_head.weight"),  # Gemma3ForCausalLM
     ("model.language_model.", "lm_head.weight"),  # Gemma3ForConditionalGeneration, transformers 5.x
     ("language_model.model.", "language_model.lm_head.weight"),  # the same, transformers 4.x files
+    ("model.", "lm_head.weight"),  # Gemma3ForCausalLM
 )
 # The vision tower and projector of ConditionalGeneration checkpoints: not part of the decoder.
 VISION_PREFIXES = (

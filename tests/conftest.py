@@ -158,9 +158,19 @@ def to_v4_config(text: dict, pattern: int) -> dict:
     return text
 
 
-def rewrite_as_v4_conditional(folder: Path, pattern: int) -> None:
-    """Turns a saved 5.x ConditionalGeneration folder into the 4.x hub layout: keys
-    ``language_model.model.*`` / ``vision_tower.*``, no stored lm_head, a 4.x config."""
+# ConditionalGeneration tensor names: transformers 5.x's in-memory layout -> the 4.x hub files'.
+_V5_TO_V4_NAMES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
+def rename_conditional_weights(folder: Path, layout: str) -> None:
+    """Rewrites a saved ConditionalGeneration folder's tensor names in one layout, whichever
+    save_pretrained wrote (transformers 5.23 writes the 4.x names): ``"v5"`` for
+    ``model.language_model.*`` (fine-tunes saved by transformers 4.52+ carry these), ``"v4"`` for
+    ``language_model.model.*``. The tied lm_head is dropped, as the hub files store none."""
     from safetensors.numpy import load_file, save_file
 
     weights = load_file(folder / "model.safetensors")
@@ -168,15 +178,20 @@ def rewrite_as_v4_conditional(folder: Path, pattern: int) -> None:
     for name, tensor in weights.items():
         if name == "lm_head.weight":
             continue
-        for new, old in (
-            ("language_model.model.", "model.language_model."),
-            ("vision_tower.", "model.vision_tower."),
-            ("multi_modal_projector.", "model.multi_modal_projector."),
-        ):
+        for v5, v4 in _V5_TO_V4_NAMES:
+            old, new = (v4, v5) if layout == "v5" else (v5, v4)
             if name.startswith(old):
                 name = new + name[len(old) :]
         renamed[name] = tensor
+    decoder = "model.language_model." if layout == "v5" else "language_model.model."
+    assert any(name.startswith(decoder) for name in renamed), sorted(renamed)[:3]
     save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def rewrite_as_v4_conditional(folder: Path, pattern: int) -> None:
+    """Turns a saved 5.x ConditionalGeneration folder into the 4.x hub layout: keys
+    ``language_model.model.*`` / ``vision_tower.*``, no stored lm_head, a 4.x config."""
+    rename_conditional_weights(folder, "v4")
     config = json.loads((folder / "config.json").read_text())
     config["text_config"] = to_v4_config(config["text_config"], pattern)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -199,7 +214,9 @@ def _v4_config(folder):
 
 
 def _conditional(folder):
-    return make_conditional_generation(folder, seed=2)
+    oracle = make_conditional_generation(folder, seed=2)
+    rename_conditional_weights(folder, "v5")
+    return oracle
 
 
 def _conditional_v4(folder):
