@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,21 @@ from gemma_onnx.errors import GemmaOnnxError
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
-# transformers' Gemma3TextConfig defaults for fields that hub configs often omit.
+# The decoder's sizes, with transformers' Gemma3TextConfig defaults: the published 4b/12b/27b
+# configs leave some of them out (4b: vocab_size, the head counts and head_dim), and HF fills them
+# in from here. head_dim defaults to 256, not hidden_size // heads.
+_SIZES: dict[str, int] = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+}
+# transformers' Gemma3TextConfig defaults for the other fields that hub configs often omit.
 _DEFAULTS: dict[str, Any] = {
+    **_SIZES,
     "rms_norm_eps": 1e-6,
     "query_pre_attn_scalar": 256,
     "hidden_activation": "gelu_pytorch_tanh",
@@ -32,14 +45,6 @@ _DEFAULTS: dict[str, Any] = {
     "use_bidirectional_attention": False,
     "sliding_window": 4096,
 }
-_REQUIRED = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-)
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 # Sanity bounds, far above any Gemma (27b: 62 layers, vocab 262208): a size past them is a typo,
 # and would otherwise hang building a billion-entry layer list or overflow ORT's int32 indexing.
@@ -79,6 +84,8 @@ class Gemma3Config:
     attn_logit_softcapping: float | None
     tie_word_embeddings: bool  # LM head is the embedding matrix
     architecture: str  # "Gemma3ForCausalLM" or "Gemma3ForConditionalGeneration"
+    # The sizes config.json left to transformers' defaults: named if the weights disagree.
+    defaulted: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def embed_scale(self) -> float:
@@ -233,17 +240,14 @@ def _positive_number(value: Any) -> bool:
 
 
 def _parse_text_config(text: dict, architecture: str, source: str) -> Gemma3Config:
-    ints = {name: _field(text, name, source, int) for name in _REQUIRED}
+    ints = {name: _field(text, name, source, int) for name in _SIZES}
     heads, kv_heads = ints["num_attention_heads"], ints["num_key_value_heads"]
     if heads % kv_heads:
         raise GemmaOnnxError(
             f"{source}: num_attention_heads ({heads}) must be a multiple of "
             f"num_key_value_heads ({kv_heads})"
         )
-    head_dim = text.get("head_dim")
-    if head_dim is None:
-        head_dim = ints["hidden_size"] // heads
-    head_dim = _field({"head_dim": head_dim}, "head_dim", source, int)
+    head_dim = ints["head_dim"]
     if head_dim % 2:
         raise GemmaOnnxError(f"{source}: field 'head_dim' must be even for RoPE, found {head_dim}")
     activation = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
@@ -260,7 +264,6 @@ def _parse_text_config(text: dict, architecture: str, source: str) -> Gemma3Conf
     layer_types = _layer_types(text, ints["num_hidden_layers"], source)
     return Gemma3Config(
         **ints,
-        head_dim=head_dim,
         query_pre_attn_scalar=float(_field(text, "query_pre_attn_scalar", source, (int, float))),
         rms_norm_eps=float(_field(text, "rms_norm_eps", source, (int, float))),
         sliding_window=sliding_window,
@@ -272,4 +275,5 @@ def _parse_text_config(text: dict, architecture: str, source: str) -> Gemma3Conf
         attn_logit_softcapping=_optional_cap(text, "attn_logit_softcapping", source),
         tie_word_embeddings=bool(text.get("tie_word_embeddings", True)),
         architecture=architecture,
+        defaulted=tuple(name for name in _SIZES if name not in text),
     )

@@ -51,18 +51,22 @@ TOKENIZER_FILES = (
 )
 
 
-def _text_config_json(raw: dict) -> dict:
+def _text_config_json(raw: dict, config: Gemma3Config) -> dict:
     """The config clients should see: the decoder's, as a Gemma3ForCausalLM (the ONNX graph is
-    the text decoder, even when the source was a ConditionalGeneration checkpoint)."""
+    the text decoder, even when the source was a ConditionalGeneration checkpoint), with every
+    size written out: runtimes other than transformers do not know its defaults."""
     if raw.get("model_type") != "gemma3":
-        return raw
-    text = dict(raw["text_config"])
-    text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"):
-        if key in raw and key not in text:
-            text[key] = raw[key]
-    text["model_type"] = "gemma3_text"
-    text["architectures"] = ["Gemma3ForCausalLM"]
+        text = dict(raw)
+    else:
+        text = dict(raw["text_config"])
+        text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"):
+            if key in raw and key not in text:
+                text[key] = raw[key]
+        text["model_type"] = "gemma3_text"
+        text["architectures"] = ["Gemma3ForCausalLM"]
+    for name in config.defaulted:
+        text[name] = getattr(config, name)
     return text
 
 
@@ -232,7 +236,7 @@ def build_model(
     _check_output(output, source, overwrite)
     config_path = source / "config.json"
     config = Gemma3Config.from_file(config_path)
-    config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")))
+    config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")), config)
     generation = _generation_config(source, config_json)
     if precision in BITS:
         quant = quant or QuantConfig(bits=BITS[precision])

@@ -218,21 +218,37 @@ def load_checkpoint(path: str | Path, config: Gemma3Config) -> Checkpoint:
     problems = []
     twice = sorted({name for name in duplicates if name in expected}, key=_sort_key)
     if twice:
-        problems.append("stored twice: " + ", ".join(twice))
+        problems.append("stored twice: " + _names(twice))
     missing = sorted(set(expected) - set(tensors), key=_sort_key)
     unexpected = sorted(set(tensors) - set(expected), key=_sort_key)
     if missing:
-        problems.append("missing: " + ", ".join(missing))
+        problems.append("missing: " + _names(missing))
     if unexpected:
-        problems.append("unexpected: " + ", ".join(unexpected))
+        problems.append("unexpected: " + _names(unexpected))
+    misshaped = []
     for name in sorted(set(expected) & set(tensors), key=_sort_key):
         found = tuple(tensors[name].shape.numpy())
         if found != expected[name]:
-            problems.append(f"{name}: expected shape {list(expected[name])}, found {list(found)}")
+            misshaped.append(f"{name}: expected shape {list(expected[name])}, found {list(found)}")
+    problems += misshaped[:_MAX_LISTED]
+    if len(misshaped) > _MAX_LISTED:
+        problems.append(f"... and {len(misshaped) - _MAX_LISTED} more mis-shaped tensors")
     if problems:
+        if config.defaulted:
+            defaults = ", ".join(f"{name} {getattr(config, name)}" for name in config.defaulted)
+            problems.append(f"(config.json leaves these to transformers' defaults: {defaults})")
         where = files[0].parent
         raise GemmaOnnxError(
-            f"{where}: checkpoint does not match config.json ({len(problems)} problem(s)):\n  "
-            + "\n  ".join(problems)
+            f"{where}: checkpoint does not match config.json:\n  " + "\n  ".join(problems)
         )
     return Checkpoint(tensors=tensors, files=files)
+
+
+# An error lists this many tensor names per kind, then counts the rest: a config typo such as
+# num_hidden_layers 9000 would otherwise print megabytes of names.
+_MAX_LISTED = 12
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")

@@ -105,8 +105,8 @@ def make_causal_lm(
 
 
 def make_conditional_generation(folder: Path, seed: int = 0, **overrides):
-    """Saves a tiny Gemma3ForConditionalGeneration (5.x names: ``model.language_model.*``, a
-    SigLIP vision tower); returns the fp32 eager oracle."""
+    """Saves a tiny Gemma3ForConditionalGeneration (a SigLIP vision tower; tensor names as
+    save_pretrained writes them, see rename_conditional_weights); returns the fp32 eager oracle."""
     import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 

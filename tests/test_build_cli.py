@@ -115,7 +115,7 @@ def test_failure_mid_write_leaves_nothing(source, tmp_path):
         ("no_path", ["no such file or folder"]),
         ("no_config", ["config.json not found"]),
         ("wrong_arch", ["not a Gemma 3 model", "llama"]),
-        ("missing_field", ["missing required field 'num_attention_heads'"]),
+        ("missing_field", ["transformers' defaults: num_attention_heads 8"]),
         ("truncated", ["model.safetensors", "not a valid safetensors file"]),
         ("garbage_header", ["model.safetensors", "not a valid safetensors file"]),
         ("missing_shard", ["model-00002-of-00002.safetensors"]),

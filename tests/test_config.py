@@ -90,12 +90,67 @@ def test_wrong_architecture_is_named(raw, message):
         Gemma3Config.from_dict(raw)
 
 
-@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size"])
-def test_missing_required_field_is_named(field):
-    raw = v5_text()
-    del raw[field]
-    with pytest.raises(GemmaOnnxError, match=f"missing required field '{field}'"):
-        Gemma3Config.from_dict(raw)
+# The text_config of the published google/gemma-3-{4b,12b,27b}-it config.json files (the vision
+# config is left out): each leaves some sizes to Gemma3TextConfig's defaults (4b: vocab_size, the
+# head counts, head_dim; 12b: vocab_size, head_dim 256, although 3840 / 16 = 240).
+_LINEAR_8 = {"rope_type": "linear", "factor": 8.0}
+HUB_TEXT_CONFIGS = {
+    "4b": {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34},
+    "12b": {
+        "hidden_size": 3840,
+        "intermediate_size": 15360,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 48,
+        "num_key_value_heads": 8,
+    },
+    "27b": {
+        "head_dim": 128,
+        "hidden_size": 5376,
+        "intermediate_size": 21504,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 62,
+        "num_key_value_heads": 16,
+        "query_pre_attn_scalar": 168,
+    },
+}
+
+
+@pytest.mark.parametrize("size", HUB_TEXT_CONFIGS)
+def test_hub_configs_take_transformers_defaults_for_what_they_omit(size):
+    from transformers import Gemma3Config as HFGemma3Config
+
+    text = {
+        **HUB_TEXT_CONFIGS[size],
+        "model_type": "gemma3_text",
+        "rope_scaling": dict(_LINEAR_8),
+        "sliding_window": 1024,
+    }
+    raw = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"}
+    raw["text_config"] = text
+    ours = Gemma3Config.from_dict(json.loads(json.dumps(raw)))
+    hf = HFGemma3Config(**json.loads(json.dumps(raw))).text_config
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "query_pre_attn_scalar",
+        "rms_norm_eps",
+        "sliding_window",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    ):
+        assert getattr(ours, name) == getattr(hf, name), name
+    assert list(ours.layer_types) == hf.layer_types
+    for layer_type, rope in ours.rope.items():
+        expected = hf.rope_parameters[layer_type]
+        assert rope.theta == expected["rope_theta"], layer_type
+        assert rope.factor == expected.get("factor", 1.0), layer_type
+    assert set(ours.defaulted) == {"vocab_size", "num_attention_heads", "num_key_value_heads",
+                                   "head_dim"} - set(text)  # fmt: skip
 
 
 @pytest.mark.parametrize(

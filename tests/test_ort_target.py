@@ -15,7 +15,14 @@ import onnx
 import pytest
 import torch
 
-from conftest import assert_close, contract_feed, make_causal_lm, ort_session, shared_kv_feed
+from conftest import (
+    assert_close,
+    contract_feed,
+    make_causal_lm,
+    make_conditional_generation,
+    ort_session,
+    shared_kv_feed,
+)
 from gemma_onnx.api import Gemma
 from gemma_onnx.builder import build_model
 from gemma_onnx.builder.quantize import QuantConfig, dequantize_nbits, matmul_nbits
@@ -230,6 +237,32 @@ def test_untied_lm_head(tmp_path, target):
             assert_close(logits, expected, "tiny_fp32_logits")
         else:  # the bound test_quantized_builds_run_and_agree holds int4 to
             assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.6
+
+
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_sizes_left_to_transformers_defaults(tmp_path, target):
+    """The published gemma-3-4b-it config.json leaves vocab_size, the head counts and head_dim
+    to Gemma3TextConfig's defaults (262208, 8, 4, 256). A checkpoint with those sizes and a config
+    written that way builds to HF's logits, and the output config.json spells them out: runtimes
+    other than transformers (genai, transformers.js) do not know the defaults."""
+    defaults = {"vocab_size": 262_208, "num_attention_heads": 8, "num_key_value_heads": 4}
+    defaults["head_dim"] = 256
+    oracle = make_conditional_generation(tmp_path / "hf", seed=12, **defaults)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for name in defaults:
+        del config["text_config"][name]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    ids = np.random.default_rng(6).integers(3, 320, size=(1, 17))
+    with torch.no_grad():
+        expected = oracle(torch.from_numpy(ids)).logits.numpy()
+    out = build_model(tmp_path / "hf", tmp_path / "out", target=target)
+    assert_close(target_logits(out, ids, target), expected, "tiny_fp32_logits")
+    written = json.loads((out / "config.json").read_text())
+    assert {name: written.get(name) for name in defaults} == defaults
+    if target == "portable":
+        decoder = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+        assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (8, 4)
+        assert decoder["head_size"] == 256
 
 
 def _matmul_nbits_bits(folder) -> dict[str, int]:

@@ -205,10 +205,19 @@ BUILD_CASES: dict[str, tuple[Callable[[Path], None], list[str], int]] = {
         ["not a Gemma 3 model (no model_type, architectures ['MistralForCausalLM'])"],
         1,
     ),
-    "config missing a required field": (
+    "config leaving a size to transformers' default": (
         _edit_config(_del("num_key_value_heads")),
-        ["config.json: missing required field 'num_key_value_heads'"],
-        1,
+        [
+            "checkpoint does not match config.json:",
+            "model.layers.0.self_attn.k_proj.weight: expected shape [64, 64], found [32, 64]",
+            "(config.json leaves these to transformers' defaults: num_key_value_heads 4)",
+        ],
+        6,
+    ),
+    "config typo of thousands of layers": (
+        _edit_config(lambda c: (c.pop("layer_types"), c.update(num_hidden_layers=9000))),
+        ["missing: model.layers.2.input_layernorm.weight", "and 116962 more"],
+        2,
     ),
     "config field of the wrong type": (
         _edit_config(lambda c: c.update(hidden_size="64")),
@@ -268,7 +277,7 @@ BUILD_CASES: dict[str, tuple[Callable[[Path], None], list[str], int]] = {
     "missing, unexpected and mis-shaped tensors, all at once": (
         _edit_weights(_many_tensor_problems),
         [
-            "checkpoint does not match config.json (3 problem(s))",
+            "checkpoint does not match config.json:",
             "missing: model.layers.1.self_attn.k_norm.weight",
             "unexpected: model.layers.0.mlp.extra.weight",
             "model.layers.0.self_attn.q_proj.weight: expected shape [64, 64], found [8, 64]",
