@@ -331,7 +331,8 @@ class DecoderGraph:
 
     def to_stream(self, x: ir.Value) -> ir.Value:
         """Into the residual stream's dtype: float32 in fp16 builds, where Gemma 3's residual
-        stream outgrows fp16 (270M: 68,398 after layer 7 at <bos>, past fp16's 65,504)."""
+        stream outgrows fp16 (270M: 68,398 after layer 7 at <bos>, past fp16's 65,504), and in
+        every build of the ORT target (see OrtDecoderGraph)."""
         if self.stream_dtype == self.ir_dtype:
             return x
         return self.op("Cast", [x], f"{x.name}.to_stream", to=self.stream_dtype)

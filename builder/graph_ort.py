@@ -56,6 +56,10 @@ class OrtDecoderGraph(DecoderGraph):
         # Initializers also listed as graph inputs (overridable, so never constant to ORT): the
         # float tied table, which the lookup and the LM head share and prepacking must not copy.
         self.unpacked: list[ir.Value] = []
+        # fp16 and bf16 alike keep the residual stream and every norm in float32 here: ORT's
+        # fused norms take their weight in their input's type, and a half-precision weight
+        # would round Gemma's 1 + w, which HF keeps in float32.
+        self.stream_dtype = ir.DataType.FLOAT
 
     def fused_linear_weight(self, module: str, projections: tuple[str, ...]) -> ir.Value:
         """``[in, sum(out)]``: the transposed projection weights side by side, one MatMul."""
@@ -313,23 +317,21 @@ class OrtDecoderGraph(DecoderGraph):
         return normed, residual, present
 
     def rotary(self, position_ids: ir.Value) -> dict[str, tuple[ir.Value, ...]]:
-        """Per layer type: (cos, sin, rows) for ORT's RotaryEmbedding, in the compute dtype."""
+        """Per layer type: (cos, sin, rows) for ORT's RotaryEmbedding, in float32."""
         tables = {}
         for layer_type, prefix, inv_freq in self.inv_freqs():
-            cos, sin, rows = self.op_multi(
+            tables[layer_type] = self.op_multi(
                 "RotaryCache", [position_ids, inv_freq], prefix,
                 [f"{prefix}.cos", f"{prefix}.sin", f"{prefix}.rows"], domain=DOMAIN,
             )  # fmt: skip
-            if self.ir_dtype != ir.DataType.FLOAT:  # the kernel wants cos/sin in x's type
-                cos = self.op("Cast", [cos], f"{prefix}.cos.cast", to=self.ir_dtype)
-                sin = self.op("Cast", [sin], f"{prefix}.sin.cast", to=self.ir_dtype)
-            tables[layer_type] = (cos, sin, rows)
         return tables
 
     def heads_norm_rotary(self, x: ir.Value, count: int, module: str, norm: str, rope):
         """[B, S, count * D] -> per-head RMSNorm -> RoPE -> [B, S, count * D] (GQA's layout).
-        The norm runs on [B, S, count, D] (its last axis is the head's), so nothing transposes."""
+        The norm runs on [B, S, count, D] (its last axis is the head's), so nothing transposes.
+        Norm and RoPE compute in float32 (fp16/bf16 builds cast the heads in and out)."""
         dim = self.config.head_dim
+        x = self.to_stream(x)
         split = self.const(f"shape.bs_{count}_{dim}", np.array([0, 0, count, dim], np.int64))
         heads = self.op("Reshape", [x, split], f"{module}.{norm}.split_heads")
         heads = self.norm(heads, f"{module}.{norm}")
@@ -338,10 +340,11 @@ class OrtDecoderGraph(DecoderGraph):
             f"{module}.{norm}.merge_heads",
         )  # fmt: skip
         cos, sin, rows = rope
-        return self.op(
+        rotated = self.op(
             "RotaryEmbedding", [merged, rows, cos, sin], f"{module}.{norm}.rotary",
             domain=MS_DOMAIN, num_heads=count, interleaved=0,
         )  # fmt: skip
+        return self.to_compute(rotated)
 
     def attention_gqa(self, i, layer_type, hidden, seqlens_k, total_length, rope,
                       past_key, past_value):  # fmt: skip

@@ -371,7 +371,8 @@ def shared_kv_feed(session, ids: np.ndarray, max_length: int) -> dict:
         if spec.name.startswith("past_key_values."):
             _, heads, length, dim = spec.shape
             length = length if isinstance(length, int) else max_length
-            feed[spec.name] = np.zeros((ids.shape[0], heads, length, dim), np.float32)
+            dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[spec.type]
+            feed[spec.name] = np.zeros((ids.shape[0], heads, length, dim), dtype)
     feed["logits_to_keep"] = np.array(0, np.int64)
     return feed
 
