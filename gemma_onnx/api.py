@@ -117,11 +117,13 @@ class Gemma:
     ) -> Completion | list[Completion]:
         """Generate for one prompt (-> Completion) or a batch (a list -> list of Completions).
 
-        A prompt is text or a list of token ids. A batch runs in one left-padded session; each
-        row gives the tokens it would alone and finishes on its own. Greedy when temperature is
-        0; ``seed`` makes sampling repeat; ``stop`` strings end a row (the text stops before
-        them); ``chat`` wraps text prompts in the folder's chat template; ``truncate`` keeps the
-        end of a prompt too long for the context instead of refusing it.
+        A prompt is text or a list of token ids. A batch runs in one padded session and each
+        row finishes on its own; greedy rows give the tokens they would alone, while sampled
+        rows share one random stream (the same batch and seed repeat, but a row's sample
+        depends on the rows beside it). Greedy when temperature is 0; ``seed`` makes sampling
+        repeat; ``stop`` strings end a row (the text stops before them); ``chat`` wraps text
+        prompts in the folder's chat template; ``truncate`` keeps the end of a prompt too long
+        for the context instead of refusing it.
         """
         single, prompts = _as_batch(prompt)
         completions: list[Completion] = []

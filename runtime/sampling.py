@@ -16,6 +16,7 @@ import numpy as np
 from gemma_onnx.errors import GemmaOnnxError
 
 _TOP_P_CANDIDATES = 1024  # tokens sorted first by top-p; enough unless the distribution is flat
+_FLOAT32_MAX = np.finfo(np.float32).max
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,26 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     if penalty == 1.0:
         return
     picked = logits[seen]
-    logits[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
+    with np.errstate(over="ignore"):  # an extreme penalty saturates at float32's largest
+        penalised = np.where(picked < 0, picked * penalty, picked / penalty)
+    logits[seen] = np.clip(penalised, -_FLOAT32_MAX, _FLOAT32_MAX)
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> None:
-    """HF ``TemperatureLogitsWarper``, in place: < 1 sharpens the distribution, > 1 flattens it."""
-    if temperature != 1.0:
-        logits /= np.float32(temperature)
+    """HF ``TemperatureLogitsWarper``, in place: < 1 sharpens the distribution, > 1 flattens it.
+
+    A temperature so small that ``logits / temperature`` overflows float32 is the greedy limit:
+    the largest logit (and any tie with it) keeps all the probability, as it would at any such
+    temperature (float32 logits differ by at least an ulp, and exp(-ulp / t) is 0 there).
+    """
+    if temperature == 1.0:
+        return
+    with np.errstate(over="ignore", divide="ignore"):
+        scaled = logits / np.float32(temperature)
+    if np.isinf(scaled).any() or not np.float32(temperature) > 0:
+        top = logits.max(axis=-1, keepdims=True)
+        scaled = np.where(logits == top, np.float32(0), np.float32(-np.inf))
+    logits[...] = scaled
 
 
 def apply_top_k(logits: np.ndarray, k: int) -> None:

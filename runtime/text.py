@@ -106,7 +106,8 @@ class TextTokenizer:
                     )
                 except TemplateError as exc:
                     raise GemmaOnnxError(f"chat template of the model folder: {exc}") from None
-        return GEMMA_CHAT.format(bos=self.bos_token, prompt=prompt)
+        # Gemma 3's own template trims each message (`content | trim`); so does its fallback.
+        return GEMMA_CHAT.format(bos=self.bos_token, prompt=prompt.strip())
 
 
 def _raise_template_error(message: str) -> None:

@@ -280,6 +280,8 @@ def test_chat_template_renders_the_gemma_turn_format(gemma):
     tokenizer_without = TextTokenizer.from_folder(gemma.session.model_dir)
     tokenizer_without.chat_template = None
     assert tokenizer_without.render_chat("hello") == expected
+    for padded in ("  hello \n", "line1\nline2\n\n"):  # Gemma's template trims each message
+        assert tokenizer_without.render_chat(padded) == tokenizer.render_chat(padded)
     assert len(gemma.generate("hello", chat=True, max_new_tokens=2).token_ids) <= 2
 
 

@@ -46,6 +46,28 @@ def test_temperature_scales_logits():
     np.testing.assert_array_equal(logits, row(4.0, -2.0, 1.0))
 
 
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1e-300])
+def test_a_temperature_too_small_for_float32_is_the_greedy_limit(temperature):
+    """30 / 1e-38 overflows float32: the likeliest token must keep all the probability, not
+    turn into inf and be dropped as if filtered (which sampled the least likely one)."""
+    logits = row(30.0, 10.0, 5.0, -2.0)
+    apply_temperature(logits, temperature)
+    assert kept(logits) == [0]
+    sampler = Sampler(SamplingConfig(temperature=temperature, seed=0))
+    assert [sampler(row(30.0, 10.0, 5.0, -2.0), np.zeros((1, 4), bool))[0] for _ in range(20)] == (
+        [0] * 20
+    )
+
+
+def test_an_extreme_repetition_penalty_saturates_instead_of_overflowing():
+    seen = np.array([[False, True, False, True]])
+    logits = row(30.0, 10.0, 5.0, -2.0)
+    apply_repetition_penalty(logits, seen, 1e-40)  # 10 / 1e-40 and -2 * 1e-40
+    assert logits[0, 1] == np.finfo(np.float32).max and np.isfinite(logits).all()
+    sampler = Sampler(SamplingConfig(temperature=0.7, repetition_penalty=1e-40, seed=0))
+    assert sampler(row(30.0, 10.0, 5.0, -2.0), seen)[0] == 1
+
+
 def test_top_k_keeps_the_k_largest_and_ties_with_the_kth():
     logits = row(1.0, 5.0, 3.0, 5.0, 2.0)
     apply_top_k(logits, 3)
