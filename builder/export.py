@@ -70,7 +70,10 @@ def _text_config_json(raw: dict, config: Gemma3Config) -> dict:
     return text
 
 
-def _generation_config(source: Path, config_json: dict) -> dict:
+def _generation_config(source: Path, config_json: dict, vocab_size: int) -> dict:
+    """generation_config.json, or the special tokens of config.json; every special token id is
+    checked here, before the build, as generate would refuse the model for it afterwards."""
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
     path = source / "generation_config.json"
     if path.is_file():
         try:
@@ -79,15 +82,33 @@ def _generation_config(source: Path, config_json: dict) -> dict:
             raise GemmaOnnxError(f"{path}: not a readable JSON file ({exc})") from None
         if not isinstance(generation, dict):
             raise GemmaOnnxError(f"{path}: expected a JSON object")
-        return generation
-    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
-    return {k: config_json[k] for k in keys if config_json.get(k) is not None}
+    else:
+        path = source / "config.json"
+        generation = {k: config_json[k] for k in keys if config_json.get(k) is not None}
+    for key in keys:
+        value = generation.get(key, config_json.get(key))
+        for token in value if isinstance(value, list) else [value]:
+            if token is None:
+                continue
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+                raise GemmaOnnxError(
+                    f"{path}: {key} {value!r} is not a token id in [0, {vocab_size})"
+                )
+    return generation
 
 
 def _check_output(output: Path, source: Path, overwrite: bool) -> None:
-    resolved, src = output.resolve(), source.resolve()
+    try:
+        resolved, src = output.resolve(), source.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop, before Python 3.13
+        raise GemmaOnnxError(f"{output}: cannot resolve the path ({exc})") from None
     if resolved == src or resolved in src.parents:
         raise GemmaOnnxError(f"{output}: the output folder would contain the source weights")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise GemmaOnnxError(
+            f"{output}: the output folder would contain the current folder; name a new folder"
+        )
     if output.exists() and not overwrite:
         if output.is_file() or any(output.iterdir()):
             raise GemmaOnnxError(f"{output}: already exists; pass --overwrite to replace it")
@@ -237,7 +258,7 @@ def build_model(
     config_path = source / "config.json"
     config = Gemma3Config.from_file(config_path)
     config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")), config)
-    generation = _generation_config(source, config_json)
+    generation = _generation_config(source, config_json, config.vocab_size)
     if precision in BITS:
         quant = quant or QuantConfig(bits=BITS[precision])
         quant.check_block_size(config)

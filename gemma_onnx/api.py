@@ -90,6 +90,11 @@ class Gemma:
         self._tokenizer_declined = not tokenizer
         self.session = Session(model_dir, provider=provider, threads=threads)
         self.spec = self.session.spec
+        if max_length is not None and max_length > self.spec.max_position_embeddings:
+            raise GemmaOnnxError(
+                f"max_length (--max-length) {max_length} is beyond the model's context of "
+                f"{self.spec.max_position_embeddings} tokens"
+            )
         self.max_length = max_length
         self._state: RunState | None = None
 
@@ -159,7 +164,7 @@ class Gemma:
         single, prompts = _as_batch(prompt)
         if not single:
             raise GemmaOnnxError("stream() takes one prompt; use generate() for a batch")
-        self._require_tokenizer("stream()")
+        self._require_tokenizer("text streams (stream())")
         completions: list[Completion] = []
         pieces = self._run(
             prompts,
@@ -194,6 +199,7 @@ class Gemma:
             self.context_limit,
             truncate=truncate,
             bos_token_id=self.spec.bos_token_id,
+            model_limit=self.spec.max_position_embeddings,
         )
         state = self._state_for(len(ids), max(map(len, ids)) + max_new_tokens)
         decoders = [StreamDecoder(self.tokenizer, stop) for _ in ids] if self.tokenizer else None
@@ -242,7 +248,15 @@ class Gemma:
                     f"prompt {row} is empty text; to start from BOS alone, pass its token id"
                 )
             tokenizer = self._require_tokenizer("text prompts")
-            return tokenizer.encode_chat(prompt) if chat else tokenizer.encode(prompt)
+            ids = tokenizer.encode_chat(prompt) if chat else tokenizer.encode(prompt)
+            outside = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+            if outside:
+                raise GemmaOnnxError(
+                    f"{self.session.model_dir}: tokenizer.json gives token id {outside[0]}, "
+                    f"outside the model's vocabulary [0, {self.spec.vocab_size}); the tokenizer "
+                    "does not belong to this model"
+                )
+            return ids
         if chat:
             raise GemmaOnnxError("chat needs a text prompt, not token ids")
         ids = _as_list(prompt, f"prompt {row}")

@@ -6,12 +6,15 @@ exit 1; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 
 import click
 
+from gemma_onnx.cli_generate import echo
 from gemma_onnx.errors import GemmaOnnxError
 
 
@@ -59,8 +62,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     default="fp32",
     show_default=True,
     help="fp32/fp16/bf16: weight and activation dtype (norms, softmax and RoPE stay fp32). "
-    "int8/int4: weight-only quantization (--target ort); the build measures and reports its "
-    "agreement with fp32.",
+    "int8/int4: weight-only quantization (MatMulNBits on --target ort, DequantizeLinear on "
+    "--target portable); the build measures and reports its agreement with fp32.",
 )
 @click.option(
     "--target",
@@ -102,7 +105,9 @@ def main(ctx: click.Context, debug: bool) -> None:
     "looks (optimum and onnxruntime-genai still load the folder).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.pass_context
 def build(
+    ctx: click.Context,
     weights: str,
     output: str,
     precision: str,
@@ -118,6 +123,16 @@ def build(
     from gemma_onnx.builder.quantize import BITS, QuantConfig
 
     quant = None
+    if precision not in BITS:
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("block_size", "accuracy_level", "layer_bits")
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ]
+        if given:
+            raise GemmaOnnxError(
+                f"{', '.join(given)} only apply to --precision int8 or int4 (not {precision})"
+            )
     if precision in BITS:
         quant = QuantConfig(
             bits=BITS[precision],
@@ -125,21 +140,42 @@ def build(
             accuracy_level=accuracy_level,
             layer_bits=None if layer_bits is None else int(layer_bits),
         )
-    result = build_model(
-        weights, output, precision=precision, target=target, overwrite=overwrite,
-        progress=True, quant=quant, layout=layout,
-    )  # fmt: skip
-    click.echo(f"wrote {result}")
+    with _terminate_as_interrupt():
+        result = build_model(
+            weights, output, precision=precision, target=target, overwrite=overwrite,
+            progress=True, quant=quant, layout=layout,
+        )  # fmt: skip
+    echo(f"wrote {result}")
     report = Path(result) / "quality.json"
     if report.is_file():
         quality = json.loads(report.read_text())
-        click.echo(
+        echo(
             f"quality: top-1 agreement with the fp32 build {quality['top1_agreement']:.1%} over "
             f"{quality['tokens']} held-out tokens (max logit diff "
             f"{quality['max_abs_logit_diff']}); details in {report}"
         )
     elif quant is not None:
-        click.echo("quality: not measured (the source has no tokenizer.json)")
+        echo("quality: not measured (the source has no tokenizer.json)")
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM and SIGHUP (a `kill`, a closed terminal) end a build as Ctrl-C does: through
+    its cleanup, which removes the half-written staging folder, rather than mid-write."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    try:
+        previous = {sig: signal.signal(sig, interrupt) for sig in signals}
+    except ValueError:  # not the main thread: leave the signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _register_generate() -> None:

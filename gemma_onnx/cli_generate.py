@@ -6,6 +6,7 @@ GemmaOnnxError, which the ``main`` group prints as one line.
 
 from __future__ import annotations
 
+import errno
 import resource
 import sys
 import time
@@ -78,6 +79,11 @@ def generate(
         model_dir or _default_model(), provider=provider, threads=threads, max_length=max_length
     )
     load_seconds = time.perf_counter() - start
+    if gemma.tokenizer is None:
+        raise GemmaOnnxError(
+            f"{gemma.session.model_dir} has no tokenizer.json, which gemma-onnx generate needs "
+            "to read the prompt; copy it there from the source weights' folder"
+        )
     stream = gemma.stream(
         prompt,
         max_new_tokens=max_new_tokens,
@@ -93,10 +99,21 @@ def generate(
         truncate=truncate,
     )
     for piece in stream:
-        click.echo(piece, nl=False)  # click.echo flushes: text appears as it is made
-    click.echo()
+        echo(piece, nl=False)  # click.echo flushes: text appears as it is made
+    echo()
     if stats:
         click.echo(_format_stats(stream.completion, load_seconds), err=True)
+
+
+def echo(text: str = "", nl: bool = True) -> None:
+    """click.echo to stdout. A stdout that cannot take the text (a full disk) is an error to
+    name in one line; a closed pipe (`| head`) is click's to end quietly."""
+    try:
+        click.echo(text, nl=nl)
+    except OSError as exc:
+        if exc.errno == errno.EPIPE:
+            raise
+        raise GemmaOnnxError(f"could not write to standard output ({exc.strerror})") from None
 
 
 def _read_stdin() -> str:

@@ -48,10 +48,12 @@ def fit_context(
     limit: int,
     truncate: bool = False,
     bos_token_id: int | None = None,
+    model_limit: int | None = None,
 ) -> list[list[int]]:
     """Check prompt + max_new_tokens against the context ``limit`` (the smaller of
-    max_position_embeddings and the allocated max length); with ``truncate``, keep the end of a
-    prompt that is too long (and its leading BOS, which Gemma needs), else refuse."""
+    max_position_embeddings, ``model_limit``, and the allocated max length); with ``truncate``,
+    keep the end of a prompt that is too long (and its leading BOS, which Gemma needs), else
+    refuse."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
         raise GemmaOnnxError(
             f"max_new_tokens (--max-new-tokens) must be an integer, got {max_new_tokens!r}"
@@ -69,14 +71,17 @@ def fit_context(
     fitted = []
     for row, prompt in enumerate(prompts):
         prompt = list(prompt)
+        name = "the prompt" if len(prompts) == 1 else f"prompt {row}"
         if not prompt:
-            raise GemmaOnnxError(f"prompt {row} is empty; generation needs at least one token")
+            raise GemmaOnnxError(f"{name} is empty; generation needs at least one token")
         if len(prompt) > room:
             if not truncate:
+                fixes = "shorten it, lower --max-new-tokens"
+                if model_limit is not None and limit < model_limit:
+                    fixes += f", raise --max-length (up to {model_limit})"
                 raise GemmaOnnxError(
-                    f"prompt {row} has {len(prompt)} tokens; with max_new_tokens {max_new_tokens} "
-                    f"that exceeds the context limit of {limit} tokens. Shorten it, lower "
-                    "--max-new-tokens, raise --max-length or pass --truncate"
+                    f"{name} has {len(prompt)} tokens; with max_new_tokens {max_new_tokens} that "
+                    f"exceeds the context limit of {limit} tokens: {fixes} or pass --truncate"
                 )
             keep_bos = bos_token_id is not None and prompt[0] == bos_token_id and room > 1
             prompt = prompt[:1] + prompt[len(prompt) - room + 1 :] if keep_bos else prompt[-room:]

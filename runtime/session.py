@@ -10,6 +10,7 @@ nothing that grows with the sequence.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,7 @@ def _read_json(path: Path, required: bool) -> dict:
         if required:
             raise GemmaOnnxError(f"{path} not found; is this a gemma-onnx model folder?") from None
         return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # also a >4300-digit number
         raise GemmaOnnxError(f"{path}: not readable JSON ({exc})") from None
     except RecursionError:
         raise GemmaOnnxError(f"{path}: JSON nested too deeply to be a config") from None
@@ -416,9 +417,21 @@ def _open_session(path: Path, provider: str, threads: int | None) -> ort.Inferen
             f"provider {provider!r} needs {PROVIDERS[provider]}, which this onnxruntime lacks; "
             f"available: {', '.join(available)}"
         )
-    if threads is not None and (isinstance(threads, bool) or threads < 1):
-        raise GemmaOnnxError(f"threads (--threads) must be >= 1, got {threads!r}")
+    # Threads beyond the CPUs only contend, and each holds a stack: 100,000 took 16 GB. A few
+    # per CPU are allowed, for machines whose CPU count hides what a container may use.
+    most = 4 * (os.cpu_count() or 1)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most
+    ):
+        raise GemmaOnnxError(
+            f"threads (--threads) must be from 1 to {most} (4 per CPU here), got {threads!r}"
+        )
     if not path.is_file():
+        if (path.parent / "onnx").is_dir():
+            raise GemmaOnnxError(
+                f"{path.parent} has the transformers.js layout (onnx/); gemma-onnx generate "
+                "runs a folder built without --layout"
+            )
         raise GemmaOnnxError(f"{path} not found; build it with `gemma-onnx build`")
     options = ort.SessionOptions()
     # Errors only: ORT warns on every load that the overridable logits_to_keep is not a constant.

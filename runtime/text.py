@@ -43,7 +43,7 @@ class TextTokenizer:
             self.config = json.loads(config_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             self.config = {}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise GemmaOnnxError(f"{config_path}: not readable JSON ({exc})") from None
         if not isinstance(self.config, dict):
             raise GemmaOnnxError(f"{config_path}: expected a JSON object")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import onnxruntime as ort
@@ -55,6 +56,9 @@ def test_sampling_chat_and_stop_options(model_dir):
     assert stopped.stdout == first.stdout[: first.stdout.index(stop)] + "\n"
 
 
+MOST_THREADS = 4 * (os.cpu_count() or 1)  # what the session allows
+
+
 @pytest.mark.parametrize(
     "option, value, message",
     [
@@ -68,7 +72,11 @@ def test_sampling_chat_and_stop_options(model_dir):
             "0",
             "repetition_penalty (--repetition-penalty) must be > 0, got 0.0",
         ),
-        ("--threads", "0", "threads (--threads) must be >= 1, got 0"),
+        (
+            "--threads",
+            "0",
+            f"threads (--threads) must be from 1 to {MOST_THREADS} (4 per CPU here), got 0",
+        ),
         ("--max-new-tokens", "0", "max_new_tokens (--max-new-tokens) must be >= 1, got 0"),
         ("--max-length", "1", "max_length (--max-length) must be >= 2, got 1"),
         ("--provider", "tpu", "provider 'tpu' is not supported; choose cpu or cuda"),

@@ -229,6 +229,16 @@ BUILD_CASES: dict[str, tuple[Callable[[Path], None], list[str], int]] = {
         ["field 'num_hidden_layers' is implausibly large"],
         1,
     ),
+    "config.json with a number beyond Python's 4300 digits": (
+        _write_file("config.json", b'{"model_type": "gemma3_text", "vocab_size": 1' + b"0" * 5000),
+        ["config.json: not a readable JSON config"],
+        1,
+    ),
+    "eos id in config.json outside the vocabulary": (
+        _edit_config(lambda c: c.update(eos_token_id=[1, 99999])),
+        ["config.json: eos_token_id [1, 99999] is not a token id in [0, 320)"],
+        1,
+    ),
     "config.json not JSON": (
         _write_file("config.json", b'{"model_type": "gemma3_text",'),
         ["config.json: not a readable JSON config"],
@@ -331,6 +341,36 @@ def test_bad_build_input_fails_in_one_clear_line_and_writes_nothing(case, ckpt, 
 def test_output_under_a_file_fails_cleanly(ckpt, tmp_path):
     result = run("build", "--weights", str(ckpt), "--output", str(ckpt / "config.json" / "out"))
     assert_clean_error(result, "could not write the model")
+    assert_nothing_written(tmp_path)
+
+
+def test_output_through_a_symlink_loop_fails_cleanly(ckpt, tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    result = run("build", "--weights", str(ckpt), "--output", str(tmp_path / "a" / "out"))
+    assert_clean_error(result, "cannot resolve the path")
+
+
+def test_output_at_the_current_folder_or_above_is_refused(ckpt, tmp_path, monkeypatch):
+    """``--output . --overwrite`` would swap the folder the user stands in (and fail doing it)."""
+    work = tmp_path / "work" / "here"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for output in (".", ".."):
+        result = run("build", "--weights", str(ckpt), "--output", output, "--overwrite")
+        assert_clean_error(result, "the output folder would contain the current folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "work"]
+    assert [p.name for p in work.parent.iterdir()] == ["here"] and not any(work.iterdir())
+
+
+@pytest.mark.parametrize(
+    "options", [["--block-size", "64"], ["--accuracy-level", "0", "--layer-bits", "4"]]
+)
+def test_quantization_options_without_quantization_are_refused(ckpt, tmp_path, options):
+    result = run("build", "--weights", str(ckpt), "--output", str(tmp_path / "out"), *options)
+    names = " and ".join(o for o in options if o.startswith("--"))
+    assert_clean_error(result, "only apply to --precision int8 or int4 (not fp32)")
+    assert all(name in result.stderr for name in names.split(" and "))
     assert_nothing_written(tmp_path)
 
 
@@ -516,7 +556,29 @@ def test_a_live_builds_folder_is_spared_and_ctrl_c_removes_it(ckpt, tmp_path, ca
     assert (out / "model.onnx").is_file()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_mid_write_clean_up_as_ctrl_c_does(sig, ckpt, tmp_path):
+    """`kill` or a closed terminal ends a build through its cleanup, not mid-write."""
+    with paused_build(ckpt, tmp_path / "out", "mid-write") as process:
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines()[-1] == "interrupted" and "Traceback" not in stderr
+    assert_nothing_written(tmp_path)
+
+
 # ---- the command itself ------------------------------------------------------------------------
+
+
+def test_a_full_stdout_is_one_line_not_a_traceback(model_dir):
+    with open("/dev/full", "w") as full:  # Linux: every write fails with ENOSPC
+        done = subprocess.run(
+            [sys.executable, "-m", "gemma_onnx", "generate", "--model", str(model_dir),
+             "--threads", "1", "--max-new-tokens", "2", "hello"],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=300,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == "error: could not write to standard output (No space left on device)\n"
 
 
 def _module(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -630,7 +692,29 @@ MODEL_CASES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
         lambda model: (model / "tokenizer.json").write_text("{"),
         ["tokenizer.json: cannot load the tokenizer"],
     ),
+    "tokenizer.json missing": (
+        lambda model: (model / "tokenizer.json").unlink(),
+        ["has no tokenizer.json, which gemma-onnx generate needs to read the prompt"],
+    ),
+    "tokenizer.json of a model with a larger vocabulary": (
+        lambda model: _grow_tokenizer(model / "tokenizer.json", "hello"),
+        ["tokenizer.json gives token id 320,", "outside the model's vocabulary [0, 320)"],
+    ),
+    "a folder in transformers.js's layout": (
+        lambda model: ((model / "onnx").mkdir(), (model / "model.onnx").unlink()),
+        ["has the transformers.js layout (onnx/)", "built without --layout"],
+    ),
 }
+
+
+def _grow_tokenizer(path: Path, word: str) -> None:
+    """A tokenizer with ``word`` as one token past the model's 320 ids, as a bigger sibling
+    model's tokenizer would give."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.add_tokens([word])
+    tokenizer.save(str(path))
 
 
 SESSION_CASES: dict[str, tuple[Callable[[Path], None], list[str]]] = {
@@ -674,7 +758,11 @@ def test_prompt_longer_than_the_context_is_refused_with_the_limit(model_dir):
     args = ("--max-new-tokens", "8", "--max-length", "64")
     result = generate(model_dir, *args, prompt)
     assert_clean_error(
-        result, "prompt 0 has 161 tokens", "context limit of 64 tokens", "--truncate"
+        result,
+        "the prompt has 161 tokens",
+        "context limit of 64 tokens",
+        "raise --max-length (up to 4096)",
+        "--truncate",
     )
     assert generate(model_dir, *args, "--truncate", prompt).exit_code == 0
 
@@ -695,7 +783,9 @@ def test_prompt_longer_than_the_context_is_refused_with_the_limit(model_dir):
         ("--max-new-tokens", "-5", "max_new_tokens (--max-new-tokens) must be >= 1, got -5"),
         ("--seed", "-1", "seed (--seed) must be an integer >= 0, got -1"),
         ("--max-length", "1", "max_length (--max-length) must be >= 2, got 1"),
-        ("--threads", "0", "threads (--threads) must be >= 1, got 0"),
+        ("--max-length", "4097", "max_length (--max-length) 4097 is beyond the model's context"),
+        ("--threads", "0", "threads (--threads) must be from 1 to"),
+        ("--threads", "100000", "threads (--threads) must be from 1 to"),
         ("--provider", "tpu", "provider 'tpu' is not supported; choose cpu or cuda"),
     ],
 )
