@@ -13,6 +13,7 @@ directory that can be locked is stale, and a concurrent build's is never touched
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import json
@@ -157,6 +158,13 @@ def _write_files(
             shutil.copyfile(source / name, staging / name)
 
 
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 16 * 2**20
+    except OSError:
+        return False
+
+
 def _write_aliases(path: Path, aliases: dict[str, ir.Value]) -> None:
     """Add each alias to the saved model as a second reference to its source's external data
     (same file, offset and length; its own name and shape). A source small enough to be stored
@@ -259,6 +267,12 @@ def build_model(
     config = Gemma3Config.from_file(config_path)
     config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")), config)
     generation = _generation_config(source, config_json, config.vocab_size)
+    for name in TOKENIZER_FILES:  # copied last: an unreadable one should fail first
+        if (source / name).is_file():
+            try:
+                (source / name).open("rb").close()
+            except OSError as exc:
+                raise GemmaOnnxError(f"{source / name}: cannot read it ({exc.strerror})") from None
     if precision in BITS:
         quant = quant or QuantConfig(bits=BITS[precision])
         quant.check_block_size(config)
@@ -285,8 +299,11 @@ def build_model(
         _move_into_place(staging, output, overwrite)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""  # e.g. the file in the way
+        # A short write says "N requested and M written", not ENOSPC: look at the disk too.
+        full = exc.errno == errno.ENOSPC or _nearly_full(output.parent)
         raise GemmaOnnxError(
             f"{output}: could not write the model ({exc.strerror or exc}{where})"
+            + ("; the disk is full" if full else "")
         ) from exc
     finally:
         if staging is not None and staging.exists():

@@ -144,6 +144,10 @@ def find_safetensors(path: Path) -> tuple[list[Path], Path]:
 
 def _open_file(path: Path) -> dict[str, ir.ExternalTensor]:
     """Validates one safetensors file with the safetensors library, then maps its tensors."""
+    try:  # safetensors reports an unreadable file as a missing one
+        path.open("rb").close()
+    except OSError as exc:
+        raise GemmaOnnxError(f"{path}: cannot read it ({exc.strerror})") from None
     try:
         with safe_open(str(path), framework="numpy") as handle:
             names = list(handle.keys())

@@ -439,8 +439,28 @@ def _save_failing_at(
 def test_disk_full_mid_write_fails_cleanly_and_leaves_nothing(ckpt, tmp_path, monkeypatch):
     seen = _save_failing_at(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     result = run("build", "--weights", str(ckpt), "--output", str(tmp_path / "out"))
-    assert_clean_error(result, "out: could not write the model (No space left on device)")
+    assert_clean_error(
+        result, "out: could not write the model (No space left on device); the disk is full"
+    )
     assert seen and seen[0].name.startswith(".out.tmp-")
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_an_unreadable_source_file_is_named_before_the_build(name, ckpt, tmp_path, monkeypatch):
+    """Permission denied on a source file says so (safetensors itself calls the file missing),
+    and a tokenizer file, copied last, is checked before minutes of conversion."""
+    (ckpt / "tokenizer.json").write_text("{}")
+    real_open = Path.open
+
+    def open_(self, *args, **kwargs):
+        if self.name == name and self.parent == ckpt:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    result = run("build", "--weights", str(ckpt), "--output", str(tmp_path / "out"))
+    assert_clean_error(result, f"ckpt/{name}: cannot read it (Permission denied)")
     assert_nothing_written(tmp_path)
 
 
