@@ -27,6 +27,22 @@ TOLERANCES = {
 }
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+# Gemma3TextConfig fields that describe the decoder's shape and numerics, as HF names them.
+DECODER_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "sliding_window",
+    "layer_types",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "query_pre_attn_scalar",
+    "tie_word_embeddings",
+)
 
 
 def max_diff_report(actual: np.ndarray, expected: np.ndarray) -> str:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FULL, SLIDING, hard_text_config_kwargs, to_v4_config
+from conftest import DECODER_FIELDS, FULL, SLIDING, hard_text_config_kwargs, to_v4_config
 from gemma_onnx.builder.config import Gemma3Config, RopeParams
 from gemma_onnx.builder.graph import rope_inv_freq
 from gemma_onnx.errors import GemmaOnnxError
@@ -129,22 +129,9 @@ def test_hub_configs_take_transformers_defaults_for_what_they_omit(size):
     raw["text_config"] = text
     ours = Gemma3Config.from_dict(json.loads(json.dumps(raw)))
     hf = HFGemma3Config(**json.loads(json.dumps(raw))).text_config
-    for name in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "query_pre_attn_scalar",
-        "rms_norm_eps",
-        "sliding_window",
-        "max_position_embeddings",
-        "tie_word_embeddings",
-    ):
-        assert getattr(ours, name) == getattr(hf, name), name
-    assert list(ours.layer_types) == hf.layer_types
+    for name in DECODER_FIELDS:
+        mine = getattr(ours, name)
+        assert (list(mine) if name == "layer_types" else mine) == getattr(hf, name), name
     for layer_type, rope in ours.rope.items():
         expected = hf.rope_parameters[layer_type]
         assert rope.theta == expected["rope_theta"], layer_type

@@ -25,7 +25,7 @@ import pytest
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from conftest import max_diff_report
+from conftest import DECODER_FIELDS, max_diff_report
 from gemma_onnx.errors import GemmaOnnxError
 from gemma_onnx.tools import default_model, gguf_import
 from gemma_onnx.tools.gguf_import import import_gguf
@@ -56,20 +56,8 @@ TEXTS = [
 # Longer than any space piece: SentencePiece takes 31 spaces, then the longest piece that fits.
 LONG_SPACE_TEXTS = [" " * 33 + "x", " " * 62, "    " * 9 + "deep", "x" + " " * 40 + "y"]
 CONFIG_FIELDS = [
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "sliding_window",
-    "layer_types",
-    "rms_norm_eps",
-    "max_position_embeddings",
-    "query_pre_attn_scalar",
+    *DECODER_FIELDS,
     "hidden_activation",
-    "tie_word_embeddings",
     "attn_logit_softcapping",
     "final_logit_softcapping",
     "bos_token_id",
