@@ -449,7 +449,7 @@ def _open_session(path: Path, provider: str, threads: int | None) -> ort.Inferen
         options.intra_op_num_threads = threads
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider == "cuda" else [])
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except ort_state.NotImplemented as exc:
         raise GemmaOnnxError(
             f"{path}: onnxruntime's {provider} provider lacks a kernel this model needs (on cpu, "
@@ -467,6 +467,16 @@ def _open_session(path: Path, provider: str, threads: int | None) -> ort.Inferen
             f"{path}: onnxruntime cannot load it (truncated, or its external data file missing "
             f"from the folder?): {_first_line(exc)}"
         ) from None
+    # onnxruntime-gpu without a usable GPU (no device, or CUDA/cuDNN libraries missing) logs
+    # the failure and quietly retries on the CPU; the KV buffers would then sit on a device the
+    # session does not use.
+    if PROVIDERS[provider] not in session.get_providers():
+        raise GemmaOnnxError(
+            f"provider {provider!r}: onnxruntime could not start {PROVIDERS[provider]} (no GPU, "
+            "or its CUDA/cuDNN libraries missing?) and fell back to "
+            f"{', '.join(session.get_providers())}; pass --provider cpu or fix the CUDA setup"
+        )
+    return session
 
 
 def _recommended_session_config(path: Path) -> dict[str, str]:

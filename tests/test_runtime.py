@@ -314,6 +314,25 @@ def test_cuda_without_cuda_names_the_available_providers(tiny):
     assert "CPUExecutionProvider" in str(info.value) and "available" in str(info.value)
 
 
+def test_cuda_that_falls_back_to_the_cpu_is_refused(tiny, monkeypatch):
+    """onnxruntime-gpu on a machine whose GPU or CUDA libraries are missing: ORT's session
+    falls back to the CPU on its own, which the CUDA-resident KV buffers cannot follow."""
+    real = ort.InferenceSession
+    created = []
+
+    def without_cuda(path, options, providers):
+        assert providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        created.append(real(path, options, providers=["CPUExecutionProvider"]))
+        return created[-1]
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", without_cuda)
+    with pytest.raises(GemmaOnnxError, match="could not start CUDAExecutionProvider") as info:
+        Session(tiny[0], provider="cuda")
+    assert "fell back to CPUExecutionProvider; pass --provider cpu" in str(info.value)
+    assert created, "the session was created, then refused"
+
+
 def test_missing_or_truncated_model_is_a_clear_error(tiny, tmp_path):
     folder = tmp_path / "broken"
     shutil.copytree(tiny[0], folder)
