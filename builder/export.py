@@ -52,10 +52,15 @@ TOKENIZER_FILES = (
 )
 
 
-def _text_config_json(raw: dict, config: Gemma3Config) -> dict:
+# The activations' dtype of each precision, as transformers names it in config.json.
+_CONFIG_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _text_config_json(raw: dict, config: Gemma3Config, precision: str) -> dict:
     """The config clients should see: the decoder's, as a Gemma3ForCausalLM (the ONNX graph is
     the text decoder, even when the source was a ConditionalGeneration checkpoint), with every
-    size written out: runtimes other than transformers do not know its defaults."""
+    size written out: runtimes other than transformers do not know its defaults; and the dtype
+    the graph computes in, not the source checkpoint's."""
     if raw.get("model_type") != "gemma3":
         text = dict(raw)
     else:
@@ -68,6 +73,9 @@ def _text_config_json(raw: dict, config: Gemma3Config) -> dict:
         text["architectures"] = ["Gemma3ForCausalLM"]
     for name in config.defaulted:
         text[name] = getattr(config, name)
+    dtype = _CONFIG_DTYPES.get(precision, "float32")  # int8/int4: float activations
+    for key in {"dtype", "torch_dtype"} & text.keys() or {"dtype"}:
+        text[key] = dtype
     return text
 
 
@@ -265,7 +273,8 @@ def build_model(
     _check_output(output, source, overwrite)
     config_path = source / "config.json"
     config = Gemma3Config.from_file(config_path)
-    config_json = _text_config_json(json.loads(config_path.read_text(encoding="utf-8")), config)
+    raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_json = _text_config_json(raw_config, config, precision)
     generation = _generation_config(source, config_json, config.vocab_size)
     for name in TOKENIZER_FILES:  # copied last: an unreadable one should fail first
         if (source / name).is_file():

@@ -4,6 +4,7 @@ HF. Each is held to HF running the same checkpoint at the same precision."""
 from __future__ import annotations
 
 import copy
+import json
 
 import ml_dtypes
 import numpy as np
@@ -85,6 +86,9 @@ def test_fp16_ort_target_matches_hf_fp16(tiny_checkpoints, tmp_path):
     folder = build_model(source, tmp_path / "ort-fp16", target="ort", precision="fp16")
     session = ort_session(folder)
     assert session.get_inputs()[3].type == "tensor(float16)"  # the KV cache
+    assert (
+        json.loads((folder / "config.json").read_text())["dtype"] == "float16"
+    )  # not the source's
     ids = np.random.default_rng(0).integers(3, 320, size=(2, 17))
     logits = session.run(["logits"], shared_kv_feed(session, ids, 32))[0]
     expected = hf_logits_at(oracle, ids, torch.float16)
