@@ -119,6 +119,8 @@ def echo(text: str = "", nl: bool = True) -> None:
 def _read_stdin() -> str:
     """The prompt piped on stdin, decoded as UTF-8 whatever the locale says (the tokenizer's
     encoding), refused by byte offset when it is not."""
+    if sys.stdin.isatty():
+        click.echo("gemma-onnx: type the prompt, then Ctrl-D on a line of its own", err=True)
     data = sys.stdin.buffer.read()
     try:
         return data.decode("utf-8").removesuffix("\n")
