@@ -92,16 +92,18 @@ def _generation_config(source: Path, config_json: dict, vocab_size: int) -> dict
         if not isinstance(generation, dict):
             raise GemmaOnnxError(f"{path}: expected a JSON object")
     else:
-        path = source / "config.json"
         generation = {k: config_json[k] for k in keys if config_json.get(k) is not None}
-    for key in keys:
-        value = generation.get(key, config_json.get(key))
+    for key in keys:  # as generate reads them: generation_config.json first, then config.json
+        if path.is_file() and key in generation:
+            where, value = path, generation[key]
+        else:
+            where, value = source / "config.json", config_json.get(key)
         for token in value if isinstance(value, list) else [value]:
             if token is None:
                 continue
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
                 raise GemmaOnnxError(
-                    f"{path}: {key} {value!r} is not a token id in [0, {vocab_size})"
+                    f"{where}: {key} {value!r} is not a token id in [0, {vocab_size})"
                 )
     return generation
 
@@ -113,8 +115,11 @@ def _check_output(output: Path, source: Path, overwrite: bool) -> None:
         raise GemmaOnnxError(f"{output}: cannot resolve the path ({exc})") from None
     if resolved == src or resolved in src.parents:
         raise GemmaOnnxError(f"{output}: the output folder would contain the source weights")
-    cwd = Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current folder was deleted: nothing to protect
+        cwd = None
+    if cwd is not None and (resolved == cwd or resolved in cwd.parents):
         raise GemmaOnnxError(
             f"{output}: the output folder would contain the current folder; name a new folder"
         )

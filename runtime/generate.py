@@ -51,9 +51,9 @@ def fit_context(
     model_limit: int | None = None,
 ) -> list[list[int]]:
     """Check prompt + max_new_tokens against the context ``limit`` (the smaller of
-    max_position_embeddings, ``model_limit``, and the allocated max length); with ``truncate``,
-    keep the end of a prompt that is too long (and its leading BOS, which Gemma needs), else
-    refuse."""
+    max_position_embeddings and the allocated max length); with ``truncate``, keep the end of a
+    prompt that is too long (and its leading BOS, which Gemma needs), else refuse, suggesting a
+    larger --max-length only when the model's own context (``model_limit``) allows one."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
         raise GemmaOnnxError(
             f"max_new_tokens (--max-new-tokens) must be an integer, got {max_new_tokens!r}"

@@ -421,7 +421,9 @@ def _open_session(path: Path, provider: str, threads: int | None) -> ort.Inferen
     # per CPU are allowed, for machines whose CPU count hides what a container may use.
     most = 4 * (os.cpu_count() or 1)
     if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most
+        isinstance(threads, bool)
+        or not isinstance(threads, (int, np.integer))
+        or not 1 <= threads <= most
     ):
         raise GemmaOnnxError(
             f"threads (--threads) must be from 1 to {most} (4 per CPU here), got {threads!r}"

@@ -239,6 +239,11 @@ BUILD_CASES: dict[str, tuple[Callable[[Path], None], list[str], int]] = {
         ["config.json: eos_token_id [1, 99999] is not a token id in [0, 320)"],
         1,
     ),
+    "eos id in generation_config.json not an integer": (
+        _write_file("generation_config.json", b'{"eos_token_id": [1, "x"]}'),
+        ["generation_config.json: eos_token_id [1, 'x'] is not a token id in [0, 320)"],
+        1,
+    ),
     "config.json not JSON": (
         _write_file("config.json", b'{"model_type": "gemma3_text",'),
         ["config.json: not a readable JSON config"],
