@@ -242,9 +242,18 @@ def _move_into_place(staging: Path, output: Path, overwrite: bool) -> None:
         os.replace(staging, output)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        if output.exists():
-            output.rmdir()  # empty folder: nothing of the user's is lost
-        os.replace(staging, output)
+        try:
+            if output.exists():
+                output.rmdir()  # empty folder: nothing of the user's is lost
+            os.replace(staging, output)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # Another build (or the user) filled the folder while this one converted.
+            raise GemmaOnnxError(
+                f"{output}: already exists (written while this build ran); pass --overwrite "
+                "to replace it"
+            ) from None
 
 
 def build_model(
@@ -263,6 +272,15 @@ def build_model(
     ``weights`` is a Hugging Face model folder or a ``.safetensors`` file with ``config.json``
     beside it (shards through ``model.safetensors.index.json``). Returns the output folder.
     """
+    for name, value in (("weights", weights), ("output", output)):
+        if not isinstance(value, (str, os.PathLike)):
+            raise GemmaOnnxError(f"{name} must be a path, got {value!r}")
+    if quant is not None and not isinstance(quant, QuantConfig):
+        raise GemmaOnnxError(
+            f"quant must be a gemma_onnx.builder.quantize.QuantConfig, got {quant!r}"
+        )
+    if quant is not None and precision not in BITS:
+        raise GemmaOnnxError(f"quant applies to precision int8 or int4, not {precision!r}")
     if target not in TARGETS:
         raise GemmaOnnxError(
             f"target {target!r} is not supported; choose from {', '.join(TARGETS)}"

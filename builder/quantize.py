@@ -53,6 +53,12 @@ class QuantConfig:
     layer_bits: int | None = None
 
     def __post_init__(self):
+        for name in ("bits", "block_size", "accuracy_level", "layer_bits"):
+            value = getattr(self, name)
+            if value is None and name == "layer_bits":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise GemmaOnnxError(f"quantization {name} must be an integer, got {value!r}")
         if self.symmetric is None:
             object.__setattr__(self, "symmetric", self.bits == 8)
         if self.bits not in (4, 8):

@@ -12,6 +12,8 @@ Everything the CLI offers is a keyword argument here; the CLI is a thin layer ov
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,10 @@ class Gemma:
     ids and take token ids back (their own tokenizer, a server's front end): Gemma 3's keeps
     ~0.1 GB resident. Text prompts, stop strings and ``stream`` then raise, and each
     Completion's ``text`` is None.
+
+    One Gemma runs one generation at a time, as it has one KV cache: a call (from any thread)
+    ends a stream still being iterated, which then raises instead of continuing on the other
+    call's cache. For generations side by side, open one Gemma per thread.
     """
 
     def __init__(
@@ -82,8 +88,18 @@ class Gemma:
         max_length: int | None = None,
         tokenizer: bool = True,
     ) -> None:
+        if not isinstance(model_dir, (str, os.PathLike)):
+            raise GemmaOnnxError(f"model_dir must be a folder path, got {model_dir!r}")
+        if max_length is not None and (
+            isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
+        ):
+            raise GemmaOnnxError(
+                f"max_length (--max-length) must be an integer, got {max_length!r}"
+            )
         if max_length is not None and max_length < 2:
             raise GemmaOnnxError(f"max_length (--max-length) must be >= 2, got {max_length}")
+        if not isinstance(tokenizer, bool):
+            raise GemmaOnnxError(f"tokenizer must be True or False, got {tokenizer!r}")
         # The tokenizer first: parsing a 262k-vocab tokenizer.json peaks ~300 MB above what the
         # tokenizer keeps, and that peak should not stack on top of the model's weights.
         self.tokenizer = TextTokenizer.from_folder(model_dir) if tokenizer else None
@@ -97,6 +113,10 @@ class Gemma:
             )
         self.max_length = max_length
         self._state: RunState | None = None
+        # One generation at a time: each call takes a new epoch, and a generation whose epoch
+        # is no longer current stops (see _run); the lock makes check-and-step atomic.
+        self._lock = threading.Lock()
+        self._epoch = 0
 
     @property
     def context_limit(self) -> int:
@@ -191,17 +211,21 @@ class Gemma:
         truncate: bool,
     ) -> Iterator[tuple[int, str]]:
         """Yield (row, text piece) as tokens are made; fill ``completions`` when all rows end."""
+        stop = _stop_strings(stop)
         if stop:
             self._require_tokenizer("stop strings")
-        ids = fit_context(
-            [self._encode(p, chat, row) for row, p in enumerate(prompts)],
-            max_new_tokens,
-            self.context_limit,
-            truncate=truncate,
-            bos_token_id=self.spec.bos_token_id,
-            model_limit=self.spec.max_position_embeddings,
-        )
-        state = self._state_for(len(ids), max(map(len, ids)) + max_new_tokens)
+        with self._lock:
+            self._epoch += 1
+            epoch = self._epoch
+            ids = fit_context(
+                [self._encode(p, chat, row) for row, p in enumerate(prompts)],
+                max_new_tokens,
+                self.context_limit,
+                truncate=truncate,
+                bos_token_id=self.spec.bos_token_id,
+                model_limit=self.spec.max_position_embeddings,
+            )
+            state = self._state_for(len(ids), max(map(len, ids)) + max_new_tokens)
         decoders = [StreamDecoder(self.tokenizer, stop) for _ in ids] if self.tokenizer else None
         outputs: list[list[int]] = [[] for _ in ids]
         stats = GenerationStats()
@@ -216,7 +240,17 @@ class Gemma:
             should_stop=(lambda row, token: decoders[row].push(token)) if decoders else None,
             stats=stats,
         )
-        for new in steps:
+        while True:
+            with self._lock:
+                if self._epoch != epoch:
+                    raise GemmaOnnxError(
+                        "this generation was cut short: a later call on the same Gemma took "
+                        "its KV cache (finish a stream before the next call, or use one Gemma "
+                        "per thread)"
+                    )
+                new = next(steps, None)
+            if new is None:
+                break
             for row in np.flatnonzero(new >= 0):
                 outputs[row].append(int(new[row]))
                 if decoders:
@@ -309,6 +343,8 @@ def _as_batch(prompt: Prompt | Sequence[Prompt]) -> tuple[bool, list[Prompt]]:
     """
     if isinstance(prompt, str):
         return True, [prompt]
+    if hasattr(prompt, "tolist") and not isinstance(prompt, list):  # numpy, torch: plain lists
+        prompt = prompt.tolist()
     items = _as_list(prompt, "the prompt")
     if not items:
         raise GemmaOnnxError("no prompt given")
@@ -321,9 +357,26 @@ def _as_list(prompt: object, what: str) -> list:
     """``prompt`` as a list of items; bytes and non-iterables are refused by name."""
     if isinstance(prompt, (bytes, bytearray)):
         raise GemmaOnnxError(f"{what} is bytes; decode it to str, or pass a list of token ids")
+    if isinstance(prompt, (dict, set, frozenset)):  # a mapping's keys, a set's own order
+        raise GemmaOnnxError(
+            f"{what} must be text or a list of token ids, got {type(prompt).__name__}"
+        )
     try:
         return list(prompt)
     except TypeError:
         raise GemmaOnnxError(
             f"{what} must be text or a list of token ids, got {type(prompt).__name__}"
         ) from None
+
+
+def _stop_strings(stop: object) -> list[str]:
+    """``stop`` as a list of non-empty strings; one string alone is one stop string."""
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is None or isinstance(stop, (bytes, dict)) or not hasattr(stop, "__iter__"):
+        raise GemmaOnnxError(f"stop must be a list of strings, got {stop!r}")
+    stop = list(stop)
+    for item in stop:
+        if not isinstance(item, str) or not item:
+            raise GemmaOnnxError(f"stop strings must be non-empty text, got {item!r}")
+    return stop

@@ -31,6 +31,17 @@ class SamplingConfig:
     seed: int | None = None  # the same seed, settings and model give the same tokens
 
     def __post_init__(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
+            raise GemmaOnnxError(f"top_k (--top-k) must be an integer, got {self.top_k!r}")
+        numbers = (
+            ("temperature (--temperature)", self.temperature),
+            ("top_p (--top-p)", self.top_p),
+            ("min_p (--min-p)", self.min_p),
+            ("repetition_penalty (--repetition-penalty)", self.repetition_penalty),
+        )
+        for name, value in numbers:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise GemmaOnnxError(f"{name} must be a number, got {value!r}")
         checks = (
             ("temperature (--temperature)", self.temperature, self.temperature >= 0, ">= 0"),
             ("top_k (--top-k)", self.top_k, self.top_k >= 0, ">= 0"),
@@ -47,8 +58,6 @@ class SamplingConfig:
             # `not ok` is also True for NaN, which compares false with everything.
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
                 raise GemmaOnnxError(f"{name} must be {expected}, got {value!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
-            raise GemmaOnnxError(f"top_k (--top-k) must be an integer, got {self.top_k!r}")
         # numpy's generators take any non-negative integer as a seed, and nothing else.
         seed = self.seed
         if seed is not None and (

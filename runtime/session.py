@@ -409,7 +409,7 @@ class Session:
 
 def _open_session(path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
     """Create the session; a wrong provider, thread count or a broken file is the user's to fix."""
-    if provider not in PROVIDERS:
+    if not isinstance(provider, str) or provider not in PROVIDERS:
         raise GemmaOnnxError(f"provider {provider!r} is not supported; choose cpu or cuda")
     available = ort.get_available_providers()
     if PROVIDERS[provider] not in available:

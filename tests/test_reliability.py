@@ -37,6 +37,7 @@ from conftest import FULL, SLIDING
 from gemma_onnx.api import Gemma
 from gemma_onnx.builder import build_model
 from gemma_onnx.builder.config import Gemma3Config
+from gemma_onnx.builder.quantize import QuantConfig
 from gemma_onnx.builder.weights import expected_shapes
 from gemma_onnx.cli import main
 from gemma_onnx.errors import GemmaOnnxError
@@ -384,6 +385,26 @@ def test_quantization_options_without_quantization_are_refused(ckpt, tmp_path, o
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_an_output_filled_while_building_is_not_replaced(ckpt, tmp_path, monkeypatch):
+    """Two builds to one folder: the one that finishes second says so and touches nothing."""
+    import gemma_onnx.builder.export as export
+
+    out = tmp_path / "out"
+    real = export.load_checkpoint
+
+    def meanwhile(*args, **kwargs):
+        out.mkdir()
+        (out / "model.onnx").write_text("the other build's")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "load_checkpoint", meanwhile)
+    result = run("build", "--weights", str(ckpt), "--output", str(out))
+    assert_clean_error(result, "out: already exists (written while this build ran)")
+    assert [p.name for p in out.iterdir()] == ["model.onnx"]
+    assert (out / "model.onnx").read_text() == "the other build's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
 
 
 def test_existing_output_is_never_touched_without_overwrite(ckpt, tmp_path):
@@ -847,6 +868,8 @@ def test_cuda_where_it_is_not_available(model_dir):
         ([[2], []], "prompt 1 is empty"),
         ("", "prompt 0 is empty text"),
         ("caf\udce9", "the prompt is not valid text: '\\udce9' at character 3"),
+        ({"input_ids": [2, 7]}, "the prompt must be text or a list of token ids, got dict"),
+        ({2, 7}, "the prompt must be text or a list of token ids, got set"),
     ],
 )
 def test_bad_prompts_through_the_python_api(model_dir, prompt, message):
@@ -862,12 +885,56 @@ def test_bad_prompts_through_the_python_api(model_dir, prompt, message):
         ({"max_new_tokens": 2.5}, "max_new_tokens (--max-new-tokens) must be an integer"),
         ({"seed": 1.5}, "seed (--seed) must be an integer >= 0, got 1.5"),
         ({"top_k": True}, "top_k (--top-k) must be an integer, got True"),
+        ({"temperature": "0.5"}, "temperature (--temperature) must be a number, got '0.5'"),
+        ({"top_p": None}, "top_p (--top-p) must be a number, got None"),
+        ({"stop": [5]}, "stop strings must be non-empty text, got 5"),
+        ({"stop": [""]}, "stop strings must be non-empty text, got ''"),
+        ({"stop": None}, "stop must be a list of strings, got None"),
     ],
 )
 def test_bad_option_types_through_the_python_api(model_dir, options, message):
     with pytest.raises(GemmaOnnxError) as info:
         Gemma(model_dir, threads=1).generate([2, 7], **{"max_new_tokens": 2, **options})
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_length": "64"}, "max_length (--max-length) must be an integer, got '64'"),
+        ({"max_length": 64.0}, "max_length (--max-length) must be an integer, got 64.0"),
+        ({"provider": ["cpu"]}, "provider ['cpu'] is not supported; choose cpu or cuda"),
+        ({"tokenizer": "no"}, "tokenizer must be True or False, got 'no'"),
+    ],
+)
+def test_bad_constructor_arguments_through_the_python_api(model_dir, options, message):
+    with pytest.raises(GemmaOnnxError) as info:
+        Gemma(model_dir, **options)
+    assert message in str(info.value)
+    with pytest.raises(GemmaOnnxError, match="model_dir must be a folder path, got None"):
+        Gemma(None)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda ckpt, out: build_model(None, out), "weights must be a path, got None"),
+        (lambda ckpt, out: build_model(ckpt, out, quant={}), "quant must be a gemma_onnx"),
+        (
+            lambda ckpt, out: build_model(ckpt, out, quant=QuantConfig(bits=4)),
+            "quant applies to precision int8 or int4, not 'fp32'",
+        ),
+        (
+            lambda ckpt, out: QuantConfig(bits=4, block_size="32"),
+            "quantization block_size must be an integer, got '32'",
+        ),
+    ],
+)
+def test_bad_build_arguments_through_the_python_api(call, message, ckpt, tmp_path):
+    with pytest.raises(GemmaOnnxError) as info:
+        call(ckpt, tmp_path / "out")
+    assert message in str(info.value)
+    assert_nothing_written(tmp_path)
 
 
 @pytest.mark.parametrize("stdin", [None, "", "\n"])

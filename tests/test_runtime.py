@@ -264,6 +264,63 @@ def test_streamed_text_equals_final_text(gemma):
     # on valid UTF-8 the two agree: test_stream_decoder_never_splits_a_character.)
 
 
+def test_a_later_call_ends_an_unfinished_stream_instead_of_corrupting_it(gemma):
+    """One KV cache per Gemma: a stream paused mid-way, then another call, must not resume on
+    the other call's cache (it gave wrong text, silently). The later call is right."""
+    expected = gemma.generate(PROMPT, max_new_tokens=12, ignore_eos=True).token_ids
+    paused = iter(gemma.stream(PROMPT, max_new_tokens=12, ignore_eos=True))
+    next(paused)
+    assert gemma.generate(PROMPT, max_new_tokens=12, ignore_eos=True).token_ids == expected
+    with pytest.raises(GemmaOnnxError, match="this generation was cut short"):
+        list(paused)
+    assert gemma.generate(PROMPT, max_new_tokens=12, ignore_eos=True).token_ids == expected
+
+
+def test_one_gemma_from_two_threads_never_gives_wrong_tokens(gemma):
+    """Each call either gives the tokens it gives alone or, cut short by the other thread's
+    call, raises; interleaved steps on one KV cache gave wrong tokens for both."""
+    import threading
+
+    prompts = [PROMPT, [2, 40, 41, 42, 43]]
+    alone = [gemma.generate(p, max_new_tokens=24, ignore_eos=True).token_ids for p in prompts]
+    outcomes: list[object] = []
+
+    def work(prompt, expected):
+        for _ in range(4):
+            try:
+                got = gemma.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids
+                outcomes.append(got == expected)
+            except GemmaOnnxError as exc:
+                outcomes.append("cut short" in str(exc))
+
+    threads = [
+        threading.Thread(target=work, args=pair) for pair in zip(prompts, alone, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(outcomes) == 8 and all(outcomes)
+
+
+def test_prompts_and_stop_in_other_containers(gemma):
+    """A bare string is one stop string (it was split into characters); numpy and torch ids
+    are lists of ids."""
+
+    expected = gemma.generate([2, 40, 41], max_new_tokens=6, ignore_eos=True).token_ids
+    assert gemma.generate(np.array([2, 40, 41]), max_new_tokens=6, ignore_eos=True).token_ids == (
+        expected
+    )
+    assert gemma.generate(
+        torch.tensor([2, 40, 41]), max_new_tokens=6, ignore_eos=True
+    ).token_ids == (expected)
+    text = gemma.generate("abc", max_new_tokens=30, temperature=1.0, seed=1).text
+    stop = text[3:5]
+    as_str = gemma.generate("abc", max_new_tokens=30, temperature=1.0, seed=1, stop=stop)
+    as_list = gemma.generate("abc", max_new_tokens=30, temperature=1.0, seed=1, stop=[stop])
+    assert as_str.text == as_list.text == text[: text.index(stop)]
+
+
 def test_stop_strings_end_the_text_before_them(gemma):
     text = gemma.generate("abc", max_new_tokens=30, ignore_eos=True, temperature=1.0, seed=1).text
     stop = text[10:12]
