@@ -226,10 +226,15 @@ TINY_PIECES += [f"<0x{b:02X}>" for b in range(256)] + ["▁", "a", "b", "▁a", 
 
 
 def _write_tiny_gguf(
-    path: Path, tensors=None, architecture="gemma3", rope_scaling: float | None = None
+    path: Path,
+    tensors=None,
+    architecture="gemma3",
+    rope_scaling: float | None = None,
+    floats: dict[str, float] | None = None,
+    big_endian: bool = False,
 ) -> Path:
     """A two-layer Gemma 3 GGUF; ``tensors`` overrides/extends ``{gguf_name: array}``; a value
-    ``(raw bytes, ggml type)`` is written pre-quantized."""
+    ``(raw bytes, ggml type)`` is written pre-quantized; ``floats`` adds float32 keys."""
     import gguf
 
     c = TINY
@@ -256,7 +261,10 @@ def _write_tiny_gguf(
     arrays = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
     arrays.update(tensors or {})
 
-    writer = gguf.GGUFWriter(str(path), architecture)
+    endianess = gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
+    writer = gguf.GGUFWriter(str(path), architecture, endianess=endianess)
+    for key, value in (floats or {}).items():
+        writer.add_float32(key, value)
     writer.add_context_length(128)
     writer.add_embedding_length(c["hidden"])
     writer.add_block_count(c["layers"])
@@ -359,6 +367,30 @@ def test_not_a_gguf_names_the_file(tmp_path):
     with pytest.raises(GemmaOnnxError, match=r"weights\.bin: not a GGUF file"):
         import_gguf(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_big_endian_gguf_is_refused_rather_than_misread(tmp_path):
+    """gguf dequantizes a byte-swapped file's float tensors as little-endian bytes."""
+    path = _write_tiny_gguf(tmp_path / "s390x.gguf", big_endian=True)
+    with pytest.raises(GemmaOnnxError, match=r"s390x\.gguf: a byte-swapped \(big-endian\) GGUF"):
+        import_gguf(path, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s390x.gguf"]
+
+
+def test_output_under_a_file_is_one_clear_error(tmp_path):
+    path = _write_tiny_gguf(tmp_path / "tiny.gguf")
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(GemmaOnnxError, match=r"out: could not write"):
+        import_gguf(path, tmp_path / "file" / "out")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_final_logit_softcapping_is_carried_over(tmp_path):
+    """llama.cpp's converter writes it when the HF config sets it, and applies it when set."""
+    path = _write_tiny_gguf(tmp_path / "cap.gguf", floats={"gemma3.final_logit_softcapping": 30.0})
+    config = json.loads((import_gguf(path, tmp_path / "out") / "config.json").read_text())
+    assert config["final_logit_softcapping"] == 30.0
+    assert config["attn_logit_softcapping"] is None
 
 
 def test_other_architecture_is_refused(tmp_path):

@@ -173,11 +173,11 @@ def import_gguf(
     config = _hf_config(meta, vocab)
     planned = _plan_tensors(reader, config, gguf_path)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     # mkdir (not mkdtemp) so the folder gets the user's umask, not mode 0700
     staging = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
     try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
         _write_weights(planned, staging, progress)
         _write_json(staging / "config.json", config)
         _write_json(staging / "generation_config.json", _generation_config(meta, vocab, config))
@@ -217,9 +217,17 @@ def _open_gguf(path: Path) -> GGUFReader:
     if magic != b"GGUF":
         raise GemmaOnnxError(f"{path}: not a GGUF file (it does not start with b'GGUF')")
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, OSError) as exc:
         raise GemmaOnnxError(f"{path}: damaged or truncated GGUF file ({exc})") from exc
+    # gguf reads a big-endian file's header right but dequantizes its float tensors as
+    # little-endian bytes, which would import garbage.
+    if getattr(reader, "byte_order", "=") == "S":
+        raise GemmaOnnxError(
+            f"{path}: a byte-swapped (big-endian) GGUF; convert it to little-endian first "
+            "(gguf's gguf_convert_endian script)"
+        )
+    return reader
 
 
 class _Metadata:
@@ -364,8 +372,9 @@ def _hf_config(meta: _Metadata, vocab: _Vocab) -> dict[str, Any]:
             "full_attention": full_rope,
             "sliding_attention": {"rope_type": "default", "rope_theta": _SLIDING_ROPE_THETA},
         },
-        "attn_logit_softcapping": None,
-        "final_logit_softcapping": None,
+        # llama.cpp's converter writes these when the HF config sets them (Gemma 3's do not).
+        "attn_logit_softcapping": _optional_float(meta, "attn_logit_softcapping"),
+        "final_logit_softcapping": _optional_float(meta, "final_logit_softcapping"),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": vocab.bos_id,
@@ -375,6 +384,16 @@ def _hf_config(meta: _Metadata, vocab: _Vocab) -> dict[str, Any]:
         "use_cache": True,
         "dtype": "float32",
     }
+
+
+def _optional_float(meta: _Metadata, key: str) -> float | None:
+    """An optional number (0 means off, as in llama.cpp)."""
+    value = meta.arch(key, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GemmaOnnxError(f"{meta.path}: {_ARCHITECTURE}.{key} is not a number: {value!r}")
+    return float(value) or None
 
 
 def _generation_config(meta: _Metadata, vocab: _Vocab, config: dict[str, Any]) -> dict[str, Any]:
