@@ -117,3 +117,22 @@ def test_unknown_engine_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--engines", "ours-fp32,vllm"])
     assert "unknown engines vllm" in capsys.readouterr().err
+
+
+def test_bad_folders_and_nothing_measured_are_failures(tiny_hf, tmp_path, capsys):
+    """A --work-dir that is a file or a --hf-dir that is missing stop the run with one line, and
+    a run where every engine was skipped exits 1 rather than 0."""
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit, match="--work-dir .*file is a file, not a folder"):
+        benchmark.main(["--work-dir", str(tmp_path / "file"), "--engines", "ours-fp32"])
+    assert (tmp_path / "file").read_text() == "mine"
+    work = ["--work-dir", str(tmp_path / "work")]
+    with pytest.raises(SystemExit, match="--hf-dir .*nowhere is not a model folder"):
+        benchmark.main([*work, "--hf-dir", str(tmp_path / "nowhere"), "--engines", "ours-fp32"])
+    missing = str(tmp_path / "no-such-python")
+    args = [*work, "--hf-dir", str(tiny_hf), "--engines", "llama", "--llama-python", missing]
+    assert benchmark.main([*args, "--prompt-tokens", "8", "--settle", "0"]) == 1
+    assert "benchmark: no engine was measured" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--engines", ","])
+    assert "--engines names none" in capsys.readouterr().err

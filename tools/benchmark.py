@@ -637,6 +637,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = sorted(set(args.engines) - set(ENGINES))
+    if not args.engines:
+        parser.error(f"--engines names none; choose from {', '.join(ENGINES)}")
     if unknown:
         parser.error(f"unknown engines {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
     if args.runs < 1 or args.decode_tokens < 2 or args.prompt_tokens < 2 or args.threads < 1:
@@ -655,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
 
         args.work_dir = cache_home() / "benchmark"
     args.work_dir = args.work_dir.resolve()
+    if args.work_dir.exists() and not args.work_dir.is_dir():
+        raise SystemExit(f"benchmark: --work-dir {args.work_dir} is a file, not a folder")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_work_dir(args.work_dir)
     try:
@@ -671,6 +675,8 @@ def benchmark(args: argparse.Namespace) -> int:
         args.hf_dir, default_gguf = default_model_files()
         gguf = gguf or default_gguf
     hf_dir = args.hf_dir.resolve()
+    if not hf_dir.is_dir():
+        raise SystemExit(f"benchmark: --hf-dir {hf_dir} is not a model folder")
 
     ids = prompt_ids(hf_dir, args.prompt_tokens)
     prompt_path = args.work_dir / "prompt.json"
@@ -729,7 +735,10 @@ def benchmark(args: argparse.Namespace) -> int:
     }
     (args.work_dir / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(report(engines, builds, notes, args), end="")
-    return 0
+    measured = [e for e in engines.values() if e.runs and not e.failed]
+    if not measured:
+        print("benchmark: no engine was measured (see the notes above)", file=sys.stderr)
+    return 0 if measured else 1
 
 
 # ---- the child: one engine, one process ----------------------------------------------------
