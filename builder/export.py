@@ -84,7 +84,8 @@ def _generation_config(source: Path, config_json: dict, vocab_size: int) -> dict
     checked here, before the build, as generate would refuse the model for it afterwards."""
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
     path = source / "generation_config.json"
-    if path.is_file():
+    has_file = path.is_file()
+    if has_file:
         try:
             generation = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as exc:
@@ -94,7 +95,7 @@ def _generation_config(source: Path, config_json: dict, vocab_size: int) -> dict
     else:
         generation = {k: config_json[k] for k in keys if config_json.get(k) is not None}
     for key in keys:  # as generate reads them: generation_config.json first, then config.json
-        if path.is_file() and key in generation:
+        if has_file and key in generation:
             where, value = path, generation[key]
         else:
             where, value = source / "config.json", config_json.get(key)
@@ -169,6 +170,16 @@ def _write_files(
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, staging / name)
+
+
+def _check_tokenizer_files_readable(source: Path) -> None:
+    """They are copied last, after the conversion: an unreadable one should fail first."""
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            try:
+                (source / name).open("rb").close()
+            except OSError as exc:
+                raise GemmaOnnxError(f"{source / name}: cannot read it ({exc.strerror})") from None
 
 
 def _nearly_full(folder: Path) -> bool:
@@ -299,12 +310,7 @@ def build_model(
     raw_config = json.loads(config_path.read_text(encoding="utf-8"))
     config_json = _text_config_json(raw_config, config, precision)
     generation = _generation_config(source, config_json, config.vocab_size)
-    for name in TOKENIZER_FILES:  # copied last: an unreadable one should fail first
-        if (source / name).is_file():
-            try:
-                (source / name).open("rb").close()
-            except OSError as exc:
-                raise GemmaOnnxError(f"{source / name}: cannot read it ({exc.strerror})") from None
+    _check_tokenizer_files_readable(source)
     if precision in BITS:
         quant = quant or QuantConfig(bits=BITS[precision])
         quant.check_block_size(config)
