@@ -314,6 +314,10 @@ def build_model(
     if precision in BITS:
         quant = quant or QuantConfig(bits=BITS[precision])
         quant.check_block_size(config)
+        if target == "portable" and quant.rescore_top:
+            raise GemmaOnnxError(
+                "--rescore-top applies to --target ort; the portable target's LM head is float"
+            )
     checkpoint = load_checkpoint(weights, config)
     model = build_graph(config, checkpoint, precision, target, quant)
 

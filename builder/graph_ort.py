@@ -37,7 +37,7 @@ import onnx_ir as ir
 from gemma_onnx.builder.config import SLIDING
 from gemma_onnx.builder.functions import DOMAIN
 from gemma_onnx.builder.graph import OPSET, DecoderGraph
-from gemma_onnx.builder.quantize import QuantConfig, SharedComputation, matmul_nbits
+from gemma_onnx.builder.quantize import QuantConfig, SharedComputation, int8_rows, matmul_nbits
 
 MS_DOMAIN = "com.microsoft"
 
@@ -83,10 +83,13 @@ class OrtDecoderGraph(DecoderGraph):
         return value
 
     # ---- int4 / int8 weights: MatMulNBits and GatherBlockQuantized -------------------------
-    def quantized(self, hf_names: tuple[str, ...], out_name: str, quant: QuantConfig):
+    def quantized(
+        self, hf_names: tuple[str, ...], out_name: str, quant: QuantConfig, rows: bool = False
+    ):
         """MatMulNBits initializers (packed, scales[, zero_points]) for x @ W.T, where W is the
         HF [out, in] tensors ``hf_names`` stacked along out: [N, K], which is also the layout
-        GatherBlockQuantized reads the tied embedding table in. Returns (values, K, N, quant)."""
+        GatherBlockQuantized reads a table in. With ``rows``, packed is stored as that
+        lookup's [N, K * bits / 8] (same bytes). Returns (values, K, N, quant)."""
         key = f"quantized:{out_name}"
         if key in self._values:
             return self._values[key]
@@ -96,13 +99,15 @@ class OrtDecoderGraph(DecoderGraph):
         def compute():
             arrays = [self.weights.read(name) for name in hf_names]
             table = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]  # [N, K]
+            if rows and quant.bits == 8 and quant.symmetric:  # only GatherBlockQuantized reads it
+                return int8_rows(np.ascontiguousarray(table, np.float32), quant)
             return matmul_nbits(table.T, quant)
 
         blocks = k // quant.block_size
-        layout = {
-            "packed": (ir.DataType.UINT8, (n, blocks, quant.block_size * quant.bits // 8)),
-            "scales": (ir.DataType.FLOAT, (n, blocks)),
-        }
+        packed = (
+            (n, k * quant.bits // 8) if rows else (n, blocks, quant.block_size * quant.bits // 8)
+        )
+        layout = {"packed": (ir.DataType.UINT8, packed), "scales": (ir.DataType.FLOAT, (n, blocks))}
         if not quant.symmetric:
             layout["zero_points"] = (ir.DataType.UINT8, (n, (blocks * quant.bits + 7) // 8))
         shared = SharedComputation(compute, set(layout))
@@ -110,8 +115,8 @@ class OrtDecoderGraph(DecoderGraph):
         for part, (dtype, shape) in layout.items():
             name = f"{out_name}.{part}"
 
-            def load(part=part, name=name):
-                return ir.Tensor(shared.take(part), name=name)
+            def load(part=part, name=name, shape=shape):
+                return ir.Tensor(shared.take(part).reshape(shape), name=name)
 
             lazy = ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
             values[part] = self.tape.initializer(lazy, name=name)
@@ -143,12 +148,8 @@ class OrtDecoderGraph(DecoderGraph):
         one-row MatMul over it runs faster than Gemm(transB=1) over [V, E] (MLAS' GEMV path;
         tools/benchmark.py); the lookup then gathers columns, E strided reads per token.
 
-        Quantized: GatherBlockQuantized over the same packed table the LM head multiplies
-        by, read as [V, K * bits / 8] through an alias of MatMulNBits' [V, K / block, bytes]:
-        the same bytes in the file, mapped apart by ORT, so the LM head can release its copy
-        once prepacked while the lookup faults in only the rows it gathers. (A Reshape would
-        share the LM head's copy, which prepacking reads whole: on Gemma 3 270M int4, +80 MB
-        resident, and ORT's constant folding copies it once more, +80 MB.)"""
+        Quantized: GatherBlockQuantized over the table :meth:`gather_rows` describes (the LM
+        head's own bytes, or the 8-bit copy rescoring reads)."""
         if self.quant is None:
             if not self.config.tie_word_embeddings:
                 return super().embed(input_ids)
@@ -161,18 +162,7 @@ class OrtDecoderGraph(DecoderGraph):
                 np.array(self.config.embed_scale, dtype=np.float32).astype(self.np_dtype),
             )
             return self.to_stream(self.op("Mul", [rows, scale], "model.embed_tokens.scale"))
-        values, k, n, quant = self.quantized(
-            ("model.embed_tokens.weight",), "model.embed_tokens.weight", self.quant
-        )
-        table = self.alias(values["packed"], "model.embed_tokens.rows", (n, k * quant.bits // 8))
-        inputs = [table, input_ids, values["scales"]]
-        if "zero_points" in values:
-            inputs.append(values["zero_points"])
-        rows = self.op(
-            "GatherBlockQuantized", inputs, "model.embed_tokens", domain=MS_DOMAIN,
-            bits=quant.bits, block_size=quant.block_size, gather_axis=0,
-            quantize_axis=1,
-        )  # fmt: skip
+        rows = self.gather_rows("model.embed_tokens.weight", input_ids, "model.embed_tokens")
         scale = self.const(
             "model.embed_tokens.embed_scale", np.array(self.config.embed_scale, dtype=np.float32)
         )
@@ -184,11 +174,66 @@ class OrtDecoderGraph(DecoderGraph):
                 table = self.weight("model.embed_tokens.weight", "linear")
                 return self.op("MatMul", [flat, table], "lm_head")
             return super().head_scores(flat)
-        if self.config.tie_word_embeddings:
-            table = ("model.embed_tokens.weight",)
-            return self.matmul_nbits(flat, self.quantized(table, table[0], self.quant), "lm_head")
-        head = self.quantized(("lm_head.weight",), "lm_head.weight", self.quant)
-        return self.matmul_nbits(flat, head, "lm_head")
+        head = self.head_name
+        scores = self.matmul_nbits(flat, self.quantized((head,), head, self.quant), "lm_head")
+        count = self.quant.rescore_count(self.TARGET)
+        return self.rescore(flat, scores, count) if count else scores
+
+    @property
+    def head_name(self) -> str:
+        """The HF weight the LM head multiplies by (the embedding, when tied)."""
+        tied = self.config.tie_word_embeddings
+        return "model.embed_tokens.weight" if tied else "lm_head.weight"
+
+    def gather_rows(self, hf_name: str, index: ir.Value, name: str) -> ir.Value:
+        """Rows ``index`` (any shape) of the HF [V, K] table ``hf_name``, dequantized to float32:
+        [*index.shape, K], by GatherBlockQuantized at the table's quantization
+        (QuantConfig.table_quant).
+
+        Where the LM head's MatMulNBits multiplies by the same quantized table, the rows are
+        its bytes read as [V, K * bits / 8] through an alias of MatMulNBits' [V, K / block,
+        bytes]: the same bytes in the file, mapped apart by ORT, so the LM head can release its
+        copy once prepacked while the lookup faults in only the rows it gathers. (A Reshape
+        would share the LM head's copy, which prepacking reads whole: on Gemma 3 270M int4,
+        +80 MB resident, and ORT's constant folding copies it once more, +80 MB.) Otherwise
+        (the 8-bit copy beside a 4-bit head, an untied embedding) the table is stored as rows.
+        """
+        quant = self.quant.table_quant(self.TARGET)
+        if hf_name == self.head_name and quant is self.quant:
+            values, k, n, _ = self.quantized((hf_name,), hf_name, quant)
+            base = hf_name.removesuffix(".weight")
+            table = self.alias(values["packed"], f"{base}.rows", (n, k * quant.bits // 8))
+        else:
+            values, *_ = self.quantized((hf_name,), f"{hf_name}.rows{quant.bits}", quant, True)
+            table = values["packed"]
+        inputs = [table, index, values["scales"]]
+        if "zero_points" in values:
+            inputs.append(values["zero_points"])
+        return self.op(
+            "GatherBlockQuantized", inputs, name, domain=MS_DOMAIN,
+            bits=quant.bits, block_size=quant.block_size, gather_axis=0, quantize_axis=1,
+        )  # fmt: skip
+
+    def rescore(self, hidden: ir.Value, scores: ir.Value, count: int) -> ir.Value:
+        """The quantized head's [B, S', V] scores with each position's ``count`` highest
+        recomputed in float32: the hidden state [B, S', E] times those rows of the 8-bit table,
+        dequantized. The 4-bit head only ranks; the rows decide among its best. On Gemma 3 270M
+        int4 the true top token is within its top 16 at 99.8% of positions (README,
+        "Quantization"); the rest of the vocabulary keeps the head's scores."""
+        k = self.const(
+            "lm_head.rescore_k", np.array([min(count, self.config.vocab_size)], np.int64)
+        )
+        _, index = self.op_multi(
+            "TopK", [scores, k], "lm_head.rescore_top",
+            ["lm_head.rescore_top/values", "lm_head.rescore_top/indices"],
+            axis=-1, largest=1, sorted=0,
+        )  # fmt: skip
+        rows = self.gather_rows(self.head_name, index, "lm_head.rescore_rows")  # [B, S', k, E]
+        last = self.const("lm_head.rescore_axis", np.array([-1], np.int64))
+        column = self.op("Unsqueeze", [hidden, last], "lm_head.rescore_column")  # [B, S', E, 1]
+        exact = self.op("MatMul", [rows, column], "lm_head.rescore_dot")  # [B, S', k, 1]
+        exact = self.op("Squeeze", [exact, last], "lm_head.rescore_logits")  # [B, S', k]
+        return self.op("ScatterElements", [scores, index, exact], "lm_head.rescore", axis=-1)
 
     def project(self, x: ir.Value, module: str, projections: tuple[str, ...], name: str):
         """x @ [W_a | W_b | ...] (+ biases), one MatMul for several HF projections."""

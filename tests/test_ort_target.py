@@ -25,7 +25,8 @@ from conftest import (
 )
 from gemma_onnx.api import Gemma
 from gemma_onnx.builder import build_model
-from gemma_onnx.builder.quantize import QuantConfig, dequantize_nbits, matmul_nbits
+from gemma_onnx.builder.quantize import QuantConfig, dequantize_nbits, int8_rows, matmul_nbits
+from gemma_onnx.errors import GemmaOnnxError
 from gemma_onnx.runtime.session import DeviceBuffer
 
 
@@ -130,23 +131,34 @@ def test_chunked_prefill_equals_hf(checkpoint, ort_build, monkeypatch):
     assert [row.token_ids for row in batch] == [hf_greedy(oracle, p, 8) for p in prompts]
 
 
-def test_quantized_lookup_reads_the_lm_head_bytes_under_its_own_name(checkpoint, tmp_path):
-    """The int4 embedding lookup gets its own initializer over the LM head's packed table: same
-    external bytes (stored once), no Reshape, so ORT maps the two apart and can release the LM
+@pytest.mark.parametrize(
+    ("precision", "quant"),
+    [("int4", QuantConfig(bits=4, rescore_top=0)), ("int8", None)],  # int8: rescoring reads it too
+)
+def test_quantized_lookup_reads_the_lm_head_bytes_under_its_own_name(
+    checkpoint, tmp_path, precision, quant
+):
+    """Where the table is the LM head's own (no 8-bit copy for rescoring beside a 4-bit head),
+    each GatherBlockQuantized gets its own initializer over the LM head's packed table: same
+    external bytes (stored once), no Reshape, so ORT maps them apart and can release the LM
     head's copy after prepacking it."""
-    out = build_model(checkpoint[0], tmp_path / "q", target="ort", precision="int4")
+    out = build_model(checkpoint[0], tmp_path / "q", target="ort", precision=precision,
+                      quant=quant)  # fmt: skip
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     initializers = {t.name: t for t in model.graph.initializer}
-    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == (1 if precision == "int4" else 2)
     head = next(n for n in model.graph.node if n.name == "lm_head")
-    rows, packed = initializers[gather.input[0]], initializers[head.input[1]]
-    assert rows.name != packed.name
-    assert list(rows.dims) == [packed.dims[0], packed.dims[1] * packed.dims[2]]
+    packed = initializers[head.input[1]]
 
     def location(tensor):
         return {e.key: e.value for e in tensor.external_data}
 
-    assert location(rows) and location(rows) == location(packed)
+    for gather in gathers:
+        rows = initializers[gather.input[0]]
+        assert rows.name != packed.name
+        assert list(rows.dims) == [packed.dims[0], packed.dims[1] * packed.dims[2]]
+        assert location(rows) and location(rows) == location(packed)
     ends = [int(location(t)["offset"]) + int(location(t)["length"]) for t in initializers.values()
             if location(t)]  # fmt: skip
     assert (out / "model.onnx_data").stat().st_size == max(ends)
@@ -275,9 +287,10 @@ def _matmul_nbits_bits(folder) -> dict[str, int]:
 
 
 def test_int4_keeps_the_table_at_4_bits_and_the_layers_at_8(checkpoint, tmp_path):
-    """int4's default on the ORT target (QuantConfig.layer_bits): the tied table (lookup and
-    LM head) at 4 bits, the layers' projections at 8, which follows HF's fp32 logits more
-    closely than 4-bit layers do; --layer-bits 4 quantizes everything to 4 bits."""
+    """int4's default on the ORT target (QuantConfig.layer_bits): the LM head at 4 bits, the
+    layers' projections at 8, which follows HF's fp32 logits more closely than 4-bit layers
+    do; --layer-bits 4 quantizes the layers to 4 bits too. The lookup and the rescoring read
+    the 8-bit copy of the table."""
     folder, oracle = checkpoint
     ids = np.random.default_rng(5).integers(3, 320, size=(1, 24))
     with torch.no_grad():
@@ -288,11 +301,76 @@ def test_int4_keeps_the_table_at_4_bits_and_the_layers_at_8(checkpoint, tmp_path
         out = build_model(folder, tmp_path / f"q{layer_bits}", target="ort", precision="int4",
                           quant=quant)  # fmt: skip
         bits = _matmul_nbits_bits(out)
-        table = {name: bits.pop(name) for name in ("model.embed_tokens", "lm_head")}
-        assert table == {"model.embed_tokens": 4, "lm_head": 4}
+        table = {n: bits.pop(n) for n in ("model.embed_tokens", "lm_head", "lm_head.rescore_rows")}
+        assert table == {"model.embed_tokens": 8, "lm_head": 4, "lm_head.rescore_rows": 8}
         assert bits and set(bits.values()) == {layer_bits or 8}, bits
         errors[layer_bits] = np.abs(shared_kv_logits(out, ids, 32) - expected).mean()
     assert errors[None] < errors[4], errors
+
+
+def test_rescoring_recomputes_the_top_logits_from_8_bit_rows(checkpoint, tmp_path):
+    """QuantConfig.rescore_top K: the 4-bit LM head only ranks, and each position's K highest
+    logits are recomputed in float32 from the 8-bit table. With K = the vocabulary every logit
+    is, and the head's 4-bit error is gone against HF's fp32 logits; with K = 8 exactly 8 per
+    position are those values (the rest keep the 4-bit scores), the argmax among them."""
+    folder, oracle = checkpoint
+    ids = np.random.default_rng(8).integers(3, 320, size=(1, 24))
+    with torch.no_grad():
+        expected = oracle(torch.from_numpy(ids)).logits.numpy()[0]  # [T, V]
+    logits = {}
+    for top in (0, 8, 320):
+        out = build_model(folder, tmp_path / f"r{top}", target="ort", precision="int4",
+                          quant=QuantConfig(bits=4, rescore_top=top))  # fmt: skip
+        logits[top] = shared_kv_logits(out, ids, 32)[0]
+    error = {top: np.abs(values - expected).mean() for top, values in logits.items()}
+    assert error[320] < 0.25 * error[0], error  # measured 0.15x; 0.41x with the lookup alone
+    same = np.abs(logits[8] - logits[320]) <= 1e-5  # [T, V]
+    # A zero row (the pad token's) scores 0 either way, rescored or not.
+    table = oracle.state_dict()["model.embed_tokens.weight"].numpy()
+    zero_rows = int((np.abs(table).max(-1) == 0).sum())
+    assert ((same.sum(-1) >= 8) & (same.sum(-1) <= 8 + zero_rows)).all(), same.sum(-1)
+    assert same[np.arange(len(same)), logits[8].argmax(-1)].all()
+    agreement = {top: (v.argmax(-1) == expected.argmax(-1)).mean() for top, v in logits.items()}
+    assert agreement[8] >= agreement[0] and agreement[8] >= 0.9, agreement
+
+
+def test_rescoring_options_are_checked(checkpoint, tmp_path):
+    """rescore_top is a count in [0, 4096] and an ORT-target option (the portable head is
+    float); neither mistake leaves an output folder behind."""
+    with pytest.raises(GemmaOnnxError, match="--rescore-top must be from 0 to 4096"):
+        QuantConfig(rescore_top=-1)
+    with pytest.raises(GemmaOnnxError, match="must be an integer"):
+        QuantConfig(rescore_top=2.5)
+    with pytest.raises(GemmaOnnxError, match="--rescore-top applies to --target ort"):
+        build_model(checkpoint[0], tmp_path / "p", precision="int4",
+                    quant=QuantConfig(rescore_top=16))  # fmt: skip
+    assert not (tmp_path / "p").exists()
+
+
+def test_int8_rows_keep_a_q8_0_grid_exactly():
+    """The 8-bit copy rescoring reads: symmetric, scale max|w| / 127 per block (llama.cpp's
+    Q8_0), so a table already on that grid comes back exactly, and any other within half a
+    step; onnxruntime's 8-bit quantizer (scale / 128) clips such a table's extreme values."""
+    rng = np.random.default_rng(4)
+    config = QuantConfig(bits=8)
+    # Q8_0 keeps its steps in float16: 127 * step, and back, are exact in float32.
+    steps = rng.uniform(0.01, 0.1, size=(48, 2, 1)).astype(np.float16).astype(np.float32)
+    grid = rng.integers(-127, 128, size=(48, 2, 32)).astype(np.float32)
+    grid[:, :, 0] = 127  # every block reaches its extreme: the scale is the step
+    grid[:, :, 1] = -127
+    table = (grid * steps).reshape(48, 64)  # [N, K]
+
+    def table_of(parts):  # GatherBlockQuantized's rows, as MatMulNBits' [N, K / 32, 32]
+        return dequantize_nbits({**parts, "packed": parts["packed"].reshape(48, 2, 32)}, config)
+
+    parts = int8_rows(table, config)
+    assert parts["packed"].dtype == np.uint8 and parts["packed"].shape == (48, 64)
+    np.testing.assert_array_equal(table_of(parts), table)
+    noise = rng.normal(size=(48, 64)).astype(np.float32)
+    parts = int8_rows(noise, config)
+    step = parts["scales"].repeat(32, axis=1)
+    assert np.all(np.abs(table_of(parts) - noise) <= step * 0.5 + 1e-7)
+    assert np.abs(dequantize_nbits(matmul_nbits(table.T, config), config) - table).max() > 0
 
 
 def test_portable_int4_layer_bits(checkpoint, tmp_path):
@@ -310,10 +388,11 @@ def test_portable_int4_layer_bits(checkpoint, tmp_path):
 @pytest.mark.parametrize(
     ("target", "quantization"),
     [
-        ("ort", {"embedding_bits": 4, "layer_bits": 8, "block_size": 32, "accuracy_level": 4}),
+        ("ort", {"lm_head_bits": 4, "embedding_bits": 8, "rescore_top": 16, "layer_bits": 8,
+                 "block_size": 32, "accuracy_level": 4}),
         # the portable graph's KV grows (past + new): measured through its own I/O
-        ("portable", {"embedding_bits": None, "layer_bits": 4, "block_size": 32,
-                      "accuracy_level": 4}),
+        ("portable", {"lm_head_bits": None, "embedding_bits": None, "rescore_top": 0,
+                      "layer_bits": 4, "block_size": 32, "accuracy_level": 4}),
     ],
 )  # fmt: skip
 def test_quantized_build_reports_measured_quality(checkpoint, tmp_path, target, quantization):
