@@ -370,13 +370,32 @@ def test_output_at_the_current_folder_or_above_is_refused(ckpt, tmp_path, monkey
 
 
 @pytest.mark.parametrize(
-    "options", [["--block-size", "64"], ["--accuracy-level", "0", "--layer-bits", "4"]]
+    "options",
+    [
+        ["--block-size", "64"],
+        ["--accuracy-level", "0", "--layer-bits", "4"],
+        ["--rescore-top", "8"],
+    ],
 )
 def test_quantization_options_without_quantization_are_refused(ckpt, tmp_path, options):
     result = run("build", "--weights", str(ckpt), "--output", str(tmp_path / "out"), *options)
     names = " and ".join(o for o in options if o.startswith("--"))
     assert_clean_error(result, "only apply to --precision int8 or int4 (not fp32)")
     assert all(name in result.stderr for name in names.split(" and "))
+    assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--target", "ort", "--rescore-top", "-1"], "--rescore-top must be from 0 to 4096"),
+        (["--rescore-top", "8"], "--rescore-top applies to --target ort"),  # portable
+    ],
+)
+def test_rescore_top_out_of_range_or_target_is_refused(ckpt, tmp_path, options, message):
+    out = str(tmp_path / "out")
+    result = run("build", "--weights", str(ckpt), "--output", out, "--precision", "int4", *options)
+    assert_clean_error(result, message)
     assert_nothing_written(tmp_path)
 
 
