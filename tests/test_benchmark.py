@@ -14,7 +14,10 @@ import pytest
 
 from gemma_onnx.tools import benchmark
 
-OURS = ("ours-fp32", "ours-int4", "ours-int4-4bit", "ours-portable", "ours-int4-text")
+OURS = (
+    "ours-fp32", "ours-int4", "ours-int4-4bit", "ours-int4-plain", "ours-portable",
+    "ours-int4-text",
+)  # fmt: skip
 BUILT = OURS[:-1]  # ours-int4-text runs ours-int4's folder
 
 

@@ -42,13 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-OURS = ("ours-fp32", "ours-int4", "ours-int4-4bit", "ours-portable", "ours-int4-text")
+OURS = (
+    "ours-fp32", "ours-int4", "ours-int4-4bit", "ours-int4-plain", "ours-portable",
+    "ours-int4-text",
+)  # fmt: skip
 ENGINES = (*OURS, "torch", "genai-fp32", "genai-int4", "llama")
 BASELINES = ("torch", "genai-fp32", "genai-int4", "llama")
 LABELS = {
     "ours-fp32": "gemma-onnx fp32, ort target",
-    "ours-int4": "gemma-onnx int4 (4-bit table, 8-bit layers), ort target",
-    "ours-int4-4bit": "gemma-onnx int4 --layer-bits 4 (all 4-bit), ort target",
+    "ours-int4": "gemma-onnx int4 (4-bit head, 8-bit layers, top 16 rescored), ort target",
+    "ours-int4-4bit": "gemma-onnx int4 --layer-bits 4 (4-bit layers), ort target",
+    "ours-int4-plain": "gemma-onnx int4 --rescore-top 0 (no rescoring), ort target",
     "ours-portable": "gemma-onnx fp32, portable target",
     "ours-int4-text": "gemma-onnx int4 (default), tokenizer loaded (text prompts, the CLI)",
     "torch": "PyTorch + transformers fp32 eager",
@@ -307,6 +311,7 @@ BUILD_ARGS = {  # engine -> how its folder is made
     "ours-fp32": {"builder": "ours", "target": "ort", "precision": "fp32"},
     "ours-int4": {"builder": "ours", "target": "ort", "precision": "int4"},
     "ours-int4-4bit": {"builder": "ours", "target": "ort", "precision": "int4", "layer_bits": 4},
+    "ours-int4-plain": {"builder": "ours", "target": "ort", "precision": "int4", "rescore_top": 0},
     "ours-portable": {"builder": "ours", "target": "portable", "precision": "fp32"},
     "genai-fp32": {"builder": "genai", "precision": "fp32"},
     "genai-int4": {"builder": "genai", "precision": "int4"},
@@ -761,9 +766,8 @@ def _build_ours(spec: dict) -> None:
     from gemma_onnx.builder import build_model
     from gemma_onnx.builder.quantize import BITS, QuantConfig
 
-    quant = None
-    if spec.get("layer_bits") is not None:
-        quant = QuantConfig(bits=BITS[spec["precision"]], layer_bits=spec["layer_bits"])
+    options = {k: spec[k] for k in ("layer_bits", "rescore_top") if spec.get(k) is not None}
+    quant = QuantConfig(bits=BITS[spec["precision"]], **options) if options else None
     build_model(
         spec["hf_dir"], spec["out"], target=spec["target"], precision=spec["precision"],
         quant=quant,
