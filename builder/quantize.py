@@ -9,9 +9,9 @@ and LM head share one quantized copy.
 The portable target uses ONNX's standard block-quantized ``DequantizeLinear`` (opset 21) on
 [K, N] int4/int8 weights quantized along K.
 
-Mixed precision, in the spirit of llama.cpp's Q4_K_M: ``bits`` is the width of the tied
-embedding / LM head table (262144 x 640 on Gemma 3 270M: 63% of the parameters and most of each
-decode step's weight traffic), ``layer_bits`` that of the decoder layers' projections.
+Mixed precision, in the spirit of llama.cpp's Q4_K_M: ``bits`` is the width of the LM head's
+table (262144 x 640 on Gemma 3 270M, tied to the embedding: 63% of the parameters and most of
+each decode step's weight traffic), ``layer_bits`` that of the decoder layers' projections.
 
 Rescoring (the ORT target, ``rescore_top``): the quantized LM head ranks the vocabulary, and the
 ``rescore_top`` highest logits are recomputed in float32 from an 8-bit copy of the table's rows
@@ -47,7 +47,7 @@ RESCORE_TOP_MAX = 4096  # a bound on the TopK + gather per position; far beyond 
 class QuantConfig:
     """How weights are quantized; defaults chosen by measurement (see README, "Quantization")."""
 
-    bits: int = 4  # 4 or 8: the tied embedding / LM head table (its lookup and the LM head)
+    bits: int = 4  # 4 or 8: the LM head's table (and the lookup's, unless rescoring: table_quant)
     block_size: int = 32  # weights per scale along K: a power of two >= 16
     # None: asymmetric (a zero point per block) at 4 bits, symmetric at 8 bits; each measured
     # the better top-1 agreement on Gemma 3 270M (README, "Quantization").
@@ -57,8 +57,8 @@ class QuantConfig:
     # agreement (README, "Quantization").
     accuracy_level: int = 4
     # Width of the decoder layers' q/k/v/o and gate/up/down projections, 4 or 8. None: 8 on the
-    # ORT target, where ``bits`` is the tied table's width (Gemma 3 270M int4: 81.3% top-1
-    # agreement against 69.6% with 4-bit layers, for 49 MB more and 10-15% slower decode; README,
+    # ORT target, where ``bits`` is the LM head's width (Gemma 3 270M int4: 98.2% top-1
+    # agreement against 72.4% with 4-bit layers, for 47 MB more and slower decode; README,
     # "Quantization"); ``bits`` on the portable target, whose table stays float.
     layer_bits: int | None = None
     # ORT target: how many of the LM head's highest logits per position are recomputed in
