@@ -103,3 +103,21 @@ def test_greedy_tokens_match_hf(real_onnx_dir, hf_model, tokenizer, length):
         )[0, length:].tolist()
     session = ort_session(real_onnx_dir, optimize=True)
     assert greedy_through_contract(session, ids, new_tokens) == expected
+
+
+def test_int4_ort_target_agrees_with_hf_as_its_quality_report_says(
+    real_hf_dir, hf_model, tokenizer, tmp_path
+):
+    """The int4 default (4-bit LM head rescored from its 8-bit table, 8-bit layers) on text it
+    was not measured on: teacher-forced top-1 agreement with HF fp32 of at least 97%, the bound
+    issue 5 sets (llama.cpp's Q4_K_M: 97.4%), and so does the build's own quality.json."""
+    out = build_model(real_hf_dir, tmp_path / "int4", target="ort", precision="int4")
+    report = json.loads((out / "quality.json").read_text())
+    assert report["top1_agreement"] >= 0.97, report
+    ids = long_prompt_ids(tokenizer, 600)
+    session = ort_session(out, optimize=True)
+    logits = session.run(["logits"], shared_kv_feed(session, ids, 640))[0]
+    with torch.no_grad():
+        expected = hf_model(torch.from_numpy(ids)).logits.numpy()
+    agreement = (logits.argmax(-1) == expected.argmax(-1)).mean()
+    assert agreement >= 0.97, f"top-1 agreement {agreement:.4f}"
