@@ -93,7 +93,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     default=None,
     help="int8/int4: bits of the decoder layers' projections; --precision then sets the LM "
     "head's. Default: 8 on --target ort (int4: 98.2% instead of 72.4% top-1 agreement on "
-    "Gemma 3 270M, for 47 MB more and 5-15% slower decode), --precision's on --target portable "
+    "Gemma 3 270M, for 47 MB more and 0-15% slower decode), --precision's on --target portable "
     "(its table stays float).",
 )
 @click.option(
