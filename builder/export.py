@@ -246,6 +246,24 @@ def _remove_stale_staging(output: Path) -> None:
             os.close(fd)
 
 
+def _settle_files(staging: Path) -> None:
+    """Flush every written file to disk before the folder is renamed into place (a crash after
+    the rename must not leave a truncated model), then drop the data files from the page cache.
+
+    The build's own writes and its quality measurement leave the weights cached in large page
+    -cache folios, and a process that then maps the file gets whole folios mapped where it
+    touches a few rows: on Gemma 3 270M int4, gathering the prompt's rows from the 8-bit table
+    counted 0.54 GB of peak RSS in the first run after a build against 0.46 GB in every later
+    one (README, "Quantization"). Dropped, the first run reads the file as later ones do."""
+    for path in sorted(staging.rglob("*")):
+        if not path.is_file():
+            continue
+        with open(path, "rb") as file:
+            os.fsync(file.fileno())
+            if path.suffix == ".onnx_data" and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def _move_into_place(staging: Path, output: Path, overwrite: bool) -> None:
     if output.exists() and overwrite and (output.is_file() or any(output.iterdir())):
         trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
@@ -338,6 +356,7 @@ def build_model(
             write_genai_config(staging, config_json, generation)
         if layout == "transformers.js":
             write_transformers_js_layout(staging)
+        _settle_files(staging)
         _move_into_place(staging, output, overwrite)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""  # e.g. the file in the way

@@ -406,6 +406,30 @@ def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
 
 
+def test_a_build_flushes_its_files_and_leaves_the_weights_uncached(ckpt, tmp_path, monkeypatch):
+    """Every file is on disk before the folder is renamed into place, and the data file's page
+    cache is dropped: the first run after a build must not map the build's large cached folios
+    (Gemma 3 270M int4: 0.54 GB peak RSS instead of 0.46; README, "Quantization")."""
+    from gemma_onnx.builder import build_model
+
+    synced, dropped = [], []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def fadvise(fd, offset, length, advice):
+        dropped.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, length, advice))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    out = build_model(ckpt, tmp_path / "out")
+    assert {p.name for p in synced} == {p.name for p in out.iterdir()}
+    assert all(p.parent != out for p in synced), "synced before the rename, in the staging folder"
+    assert dropped == [("model.onnx_data", 0, 0, os.POSIX_FADV_DONTNEED)]
+
+
 def test_an_output_filled_while_building_is_not_replaced(ckpt, tmp_path, monkeypatch):
     """Two builds to one folder: the one that finishes second says so and touches nothing."""
     import gemma_onnx.builder.export as export
