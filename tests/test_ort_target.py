@@ -334,6 +334,23 @@ def test_rescoring_recomputes_the_top_logits_from_8_bit_rows(checkpoint, tmp_pat
     assert agreement[8] >= agreement[0] and agreement[8] >= 0.9, agreement
 
 
+def test_int4_generation_follows_its_own_teacher_forced_argmax(checkpoint, tmp_path):
+    """The rescored int4 build through the runtime (chunked prefill, then one token a step,
+    rows alone or batched) picks what the same graph's one-pass logits over every position
+    say: rescoring gives the same result whichever positions a call keeps."""
+    folder, _ = checkpoint
+    out = build_model(folder, tmp_path / "q", target="ort", precision="int4")
+    gemma = Gemma(out)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, 320, size=n).tolist() for n in (13, 6, 9)]
+    solo = [gemma.generate(p, max_new_tokens=12, ignore_eos=True).token_ids for p in prompts]
+    for prompt, tokens in zip(prompts, solo, strict=True):
+        logits = shared_kv_logits(out, np.array([prompt + tokens[:-1]]), 32)[0]  # [T, V]
+        assert logits[len(prompt) - 1 :].argmax(-1).tolist() == tokens
+    batch = gemma.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    assert [row.token_ids for row in batch] == solo
+
+
 def test_rescoring_options_are_checked(checkpoint, tmp_path):
     """rescore_top is a count in [0, 4096] and an ORT-target option (the portable head is
     float); neither mistake leaves an output folder behind."""
