@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -246,6 +247,37 @@ def _remove_stale_staging(output: Path) -> None:
             os.close(fd)
 
 
+def quality_skip_reason(checkpoint, where: Path, quality: bool | None) -> str | None:
+    """Why a quantized build will not measure its quality (None: it will, given a tokenizer).
+
+    The measurement builds an fp32 reference of the whole model beside it, 4 bytes a
+    parameter, and runs both: 1 GB for Gemma 3 270M, but 48 GB for 12B and 108 GB for 27B,
+    more disk than is free and more memory than most machines have. By default it is skipped
+    where the reference would not fit in the free disk under ``where`` or in half the physical
+    memory; ``quality=True`` measures anyway, ``quality=False`` never."""
+    if quality is False:
+        return "--no-quality"
+    if quality:
+        return None
+    need = 4 * sum(math.prod(t.shape) for t in checkpoint.tensors.values())
+    folder = where
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = [
+        (free, f"{free / 1e9:.1f} GB free on disk"),
+        (memory / 2, f"half of this machine's {memory / 1e9:.0f} GB of memory"),
+    ]
+    for limit, what in limits:
+        if need > limit:
+            return (
+                f"its fp32 reference would take {need / 1e9:.1f} GB, more than {what}; "
+                "--quality measures anyway"
+            )
+    return None
+
+
 def _settle_files(staging: Path) -> None:
     """Flush every written file to disk before the folder is renamed into place (a crash after
     the rename must not leave a truncated model), then drop the data files from the page cache.
@@ -295,11 +327,18 @@ def build_model(
     progress: bool = False,
     quant: QuantConfig | None = None,
     layout: str = "default",
+    quality: bool | None = None,
 ) -> Path:
     """Builds a model folder (model.onnx + model.onnx_data, config, generation config, tokenizer).
 
     ``weights`` is a Hugging Face model folder or a ``.safetensors`` file with ``config.json``
     beside it (shards through ``model.safetensors.index.json``). Returns the output folder.
+
+    int8/int4 builds measure their agreement with fp32 into ``quality.json`` (report.py), which
+    needs the source's tokenizer and an fp32 reference built beside the model. ``quality``:
+    True measures whatever it costs, False never; None (the default) measures unless that
+    reference would not fit the disk or half the memory (:func:`quality_skip_reason`). With
+    ``progress``, a build that does not measure says why.
     """
     for name, value in (("weights", weights), ("output", output)):
         if not isinstance(value, (str, os.PathLike)):
@@ -310,6 +349,8 @@ def build_model(
         )
     if quant is not None and precision not in BITS:
         raise GemmaOnnxError(f"quant applies to precision int8 or int4, not {precision!r}")
+    if quality is not None and not isinstance(quality, bool):
+        raise GemmaOnnxError(f"quality must be True, False or None, got {quality!r}")
     if target not in TARGETS:
         raise GemmaOnnxError(
             f"target {target!r} is not supported; choose from {', '.join(TARGETS)}"
@@ -337,6 +378,9 @@ def build_model(
                 "--rescore-top applies to --target ort; the portable target's LM head is float"
             )
     checkpoint = load_checkpoint(weights, config)
+    skip_quality = None
+    if precision in BITS:
+        skip_quality = quality_skip_reason(checkpoint, output.parent, quality)
     model = build_graph(config, checkpoint, precision, target, quant)
 
     staging, lock = None, None
@@ -350,8 +394,14 @@ def build_model(
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is ordinary
         _write_files(model, staging, source, config_json, generation, progress)
         if precision in BITS:  # quantized: measure what it costs, on this very build
-            quantization = quant.describe(target)
-            write_quality_report(staging, config, checkpoint, quantization)
+            report = None
+            if skip_quality is None:
+                quantization = quant.describe(target)
+                report = write_quality_report(staging, config, checkpoint, quantization)
+                if report is None:
+                    skip_quality = "the source has no tokenizer.json to read the held-out text"
+            if report is None and progress:
+                print(f"quality: not measured ({skip_quality})", file=sys.stderr, flush=True)
         if target == "portable":  # onnxruntime-genai reads the folder through this file
             write_genai_config(staging, config_json, generation)
         if layout == "transformers.js":

@@ -41,6 +41,7 @@ ORT_LAYER_BITS = 8  # the decoder layers' default width on the ORT target (Quant
 # on Gemma 3 270M int4, top-1 agreement levels off from 16 on (README, "Quantization").
 ORT_RESCORE_TOP = 16
 RESCORE_TOP_MAX = 4096  # a bound on the TopK + gather per position; far beyond any gain
+_ROWS_PER_CHUNK = 16_384  # int8_rows' working set: 16,384 rows of float32 at a time
 
 
 @dataclass(frozen=True)
@@ -229,10 +230,14 @@ def int8_rows(table_nk: np.ndarray, config: QuantConfig) -> dict[str, np.ndarray
     MatMulNBits, divides by 128 and clips the block's largest value of the other sign.
     """
     n, k = table_nk.shape
-    blocks = table_nk.reshape(n, k // config.block_size, config.block_size)
-    values, scales = _int8_blocks(blocks, axis=2)  # [N, K / block, block], [N, K / block]
-    packed = (values.reshape(n, k).view(np.uint8) ^ np.uint8(0x80)).view(np.uint8)  # + 128
-    return {"packed": packed, "scales": scales}
+    packed = np.empty((n, k), np.uint8)
+    scales = np.empty((n, k // config.block_size), np.float32)
+    for start in range(0, n, _ROWS_PER_CHUNK):  # float temporaries of a chunk, not the table
+        rows = table_nk[start : start + _ROWS_PER_CHUNK]
+        blocks = rows.reshape(len(rows), k // config.block_size, config.block_size)
+        values, scales[start : start + len(rows)] = _int8_blocks(blocks, axis=2)
+        packed[start : start + len(rows)] = values.reshape(len(rows), k).view(np.uint8) ^ 0x80
+    return {"packed": packed, "scales": scales}  # packed: value + 128
 
 
 def _int8_blocks(blocks: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:

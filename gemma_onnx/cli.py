@@ -106,6 +106,13 @@ def main(ctx: click.Context, debug: bool) -> None:
     "file and ~2% of decode time).",
 )
 @click.option(
+    "--quality/--no-quality",
+    default=None,
+    help="int8/int4: measure the build's top-1 agreement with fp32 (quality.json), which builds "
+    "an fp32 reference beside it (4 bytes a parameter). Default: measure unless that reference "
+    "would not fit the free disk or half the memory.",
+)
+@click.option(
     "--layout",
     type=click.Choice(["default", "transformers.js"]),
     default="default",
@@ -125,6 +132,7 @@ def build(
     accuracy_level: int,
     layer_bits: str | None,
     rescore_top: int | None,
+    quality: bool | None,
     layout: str,
     overwrite: bool,
 ) -> None:
@@ -135,8 +143,8 @@ def build(
     quant = None
     if precision not in BITS:
         given = [
-            f"--{name.replace('_', '-')}"
-            for name in ("block_size", "accuracy_level", "layer_bits", "rescore_top")
+            f"--{'no-' if name == 'quality' and not quality else ''}{name.replace('_', '-')}"
+            for name in ("block_size", "accuracy_level", "layer_bits", "rescore_top", "quality")
             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
         ]
         if given:
@@ -154,7 +162,7 @@ def build(
     with _terminate_as_interrupt():
         result = build_model(
             weights, output, precision=precision, target=target, overwrite=overwrite,
-            progress=True, quant=quant, layout=layout,
+            progress=True, quant=quant, layout=layout, quality=quality,
         )  # fmt: skip
     echo(f"wrote {result}")
     report = Path(result) / "quality.json"
@@ -165,8 +173,6 @@ def build(
             f"{quality['tokens']} held-out tokens (max logit diff "
             f"{quality['max_abs_logit_diff']}); details in {report}"
         )
-    elif quant is not None:
-        echo("quality: not measured (the source has no tokenizer.json)")
 
 
 @contextlib.contextmanager

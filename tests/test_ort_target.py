@@ -24,7 +24,7 @@ from conftest import (
     shared_kv_feed,
 )
 from gemma_onnx.api import Gemma
-from gemma_onnx.builder import build_model
+from gemma_onnx.builder import build_model, quantize
 from gemma_onnx.builder.quantize import QuantConfig, dequantize_nbits, int8_rows, matmul_nbits
 from gemma_onnx.errors import GemmaOnnxError
 from gemma_onnx.runtime.session import DeviceBuffer
@@ -277,6 +277,12 @@ def test_sizes_left_to_transformers_defaults(tmp_path, target):
         assert decoder["head_size"] == 256
 
 
+def _config(folder):
+    from gemma_onnx.builder.config import Gemma3Config
+
+    return Gemma3Config.from_file(folder / "config.json")
+
+
 def _matmul_nbits_bits(folder) -> dict[str, int]:
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     return {
@@ -364,7 +370,7 @@ def test_rescoring_options_are_checked(checkpoint, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-def test_int8_rows_keep_a_q8_0_grid_exactly():
+def test_int8_rows_keep_a_q8_0_grid_exactly(monkeypatch):
     """The 8-bit copy rescoring reads: symmetric, scale max|w| / 127 per block (llama.cpp's
     Q8_0), so a table already on that grid comes back exactly, and any other within half a
     step; onnxruntime's 8-bit quantizer (scale / 128) clips such a table's extreme values."""
@@ -388,6 +394,10 @@ def test_int8_rows_keep_a_q8_0_grid_exactly():
     step = parts["scales"].repeat(32, axis=1)
     assert np.all(np.abs(table_of(parts) - noise) <= step * 0.5 + 1e-7)
     assert np.abs(dequantize_nbits(matmul_nbits(table.T, config), config) - table).max() > 0
+    # Quantized in chunks of rows (bounded float temporaries): the same bytes as all at once.
+    monkeypatch.setattr(quantize, "_ROWS_PER_CHUNK", 7)
+    chunked = int8_rows(noise, config)
+    assert all(np.array_equal(chunked[key], parts[key]) for key in ("packed", "scales"))
 
 
 def test_portable_int4_layer_bits(checkpoint, tmp_path):
@@ -402,6 +412,22 @@ def test_portable_int4_layer_bits(checkpoint, tmp_path):
         assert found == dtypes, (layer_bits, found)
 
 
+def _with_word_tokenizer(folder, tmp_path):
+    """The checkpoint in a folder of links beside a word-level tokenizer over its vocabulary,
+    so a quantized build can read the held-out text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for item in folder.iterdir():
+        (source / item.name).symlink_to(item)
+    vocab = {f"w{i}": i for i in range(320)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(source / "tokenizer.json"))
+    return source
+
+
 @pytest.mark.parametrize(
     ("target", "quantization"),
     [
@@ -413,23 +439,52 @@ def test_portable_int4_layer_bits(checkpoint, tmp_path):
     ],
 )  # fmt: skip
 def test_quantized_build_reports_measured_quality(checkpoint, tmp_path, target, quantization):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder, _ = checkpoint
-    source = tmp_path / "src"
-    source.mkdir()
-    for item in folder.iterdir():
-        (source / item.name).symlink_to(item)
-    vocab = {f"w{i}": i for i in range(320)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(source / "tokenizer.json"))
+    source = _with_word_tokenizer(checkpoint[0], tmp_path)
     out = build_model(source, tmp_path / "q", target=target, precision="int4")
     report = json.loads((out / "quality.json").read_text())
     assert report["tokens"] > 100
     assert 0.0 <= report["top1_agreement"] <= 1.0
     assert report["quantization"] == quantization
     assert not (out / ".fp32-reference").exists()
+
+
+def test_quality_is_skipped_where_its_fp32_reference_would_not_fit(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    """The measurement builds an fp32 reference (4 bytes a parameter: 108 GB for Gemma 3 27B).
+    By default a build skips it, saying why, when that would not fit the free disk or half the
+    memory; quality=True measures anyway and quality=False never does."""
+    import shutil as shutil_module
+
+    from gemma_onnx.builder import export
+
+    source = _with_word_tokenizer(checkpoint[0], tmp_path)
+    checkpoint_bytes = 4 * sum(
+        np.prod(t.shape) for t in export.load_checkpoint(source, _config(source)).tensors.values()
+    )
+    real_usage = shutil_module.disk_usage
+    free = checkpoint_bytes // 2  # the reference does not fit
+
+    def disk_usage(path):
+        return real_usage(path)._replace(free=free)
+
+    monkeypatch.setattr(export.shutil, "disk_usage", disk_usage)
+    out = build_model(source, tmp_path / "auto", target="ort", precision="int4", progress=True)
+    assert not (out / "quality.json").exists()
+    err = capsys.readouterr().err
+    assert "quality: not measured (its fp32 reference would take" in err
+    assert "GB free on disk; --quality measures anyway" in err
+    out = build_model(source, tmp_path / "forced", target="ort", precision="int4", quality=True)
+    assert json.loads((out / "quality.json").read_text())["tokens"] > 100
+    monkeypatch.undo()
+    out = build_model(source, tmp_path / "off", target="ort", precision="int4", quality=False,
+                      progress=True)  # fmt: skip
+    assert not (out / "quality.json").exists()
+    assert "quality: not measured (--no-quality)" in capsys.readouterr().err
+    monkeypatch.setattr(export.os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else 64)
+    reason = export.quality_skip_reason(export.load_checkpoint(source, _config(source)),
+                                        tmp_path, None)  # fmt: skip
+    assert reason and "more than half of this machine's 0 GB of memory" in reason
 
 
 def test_fp16_residual_stream_stays_float32(checkpoint, tmp_path):

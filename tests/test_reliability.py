@@ -375,6 +375,7 @@ def test_output_at_the_current_folder_or_above_is_refused(ckpt, tmp_path, monkey
         ["--block-size", "64"],
         ["--accuracy-level", "0", "--layer-bits", "4"],
         ["--rescore-top", "8"],
+        ["--no-quality"],
     ],
 )
 def test_quantization_options_without_quantization_are_refused(ckpt, tmp_path, options):
