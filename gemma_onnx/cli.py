@@ -167,11 +167,11 @@ def build(
     echo(f"wrote {result}")
     report = Path(result) / "quality.json"
     if report.is_file():
-        quality = json.loads(report.read_text())
+        measured = json.loads(report.read_text())
         echo(
-            f"quality: top-1 agreement with the fp32 build {quality['top1_agreement']:.1%} over "
-            f"{quality['tokens']} held-out tokens (max logit diff "
-            f"{quality['max_abs_logit_diff']}); details in {report}"
+            f"quality: top-1 agreement with the fp32 build {measured['top1_agreement']:.1%} over "
+            f"{measured['tokens']} held-out tokens (max logit diff "
+            f"{measured['max_abs_logit_diff']}); details in {report}"
         )
 
 
