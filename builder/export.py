@@ -396,7 +396,7 @@ def build_model(
         if precision in BITS:  # quantized: measure what it costs, on this very build
             report = None
             if skip_quality is None:
-                quantization = quant.describe(target)
+                quantization = quant.describe(target, config.hidden_size)
                 report = write_quality_report(staging, config, checkpoint, quantization)
                 if report is None:
                     skip_quality = "the source has no tokenizer.json to read the held-out text"

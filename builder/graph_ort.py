@@ -174,8 +174,8 @@ class OrtDecoderGraph(DecoderGraph):
                 table = self.weight("model.embed_tokens.weight", "linear")
                 return self.op("MatMul", [flat, table], "lm_head")
             return super().head_scores(flat)
-        head = self.head_name
-        scores = self.matmul_nbits(flat, self.quantized((head,), head, self.quant), "lm_head")
+        head, quant = self.head_name, self.quant.head_quant(self.TARGET, self.config.hidden_size)
+        scores = self.matmul_nbits(flat, self.quantized((head,), head, quant), "lm_head")
         count = self.quant.rescore_count(self.TARGET)
         return self.rescore(flat, scores, count) if count else scores
 

@@ -283,10 +283,10 @@ def _config(folder):
     return Gemma3Config.from_file(folder / "config.json")
 
 
-def _matmul_nbits_bits(folder) -> dict[str, int]:
+def _matmul_nbits_bits(folder, attribute="bits") -> dict[str, int]:
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     return {
-        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        n.name: next(a.i for a in n.attribute if a.name == attribute)
         for n in model.graph.node
         if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
     }
@@ -355,6 +355,37 @@ def test_int4_generation_follows_its_own_teacher_forced_argmax(checkpoint, tmp_p
         assert logits[len(prompt) - 1 :].argmax(-1).tolist() == tokens
     batch = gemma.generate(prompts, max_new_tokens=12, ignore_eos=True)
     assert [row.token_ids for row in batch] == solo
+
+
+def test_a_ranking_head_takes_coarser_blocks(checkpoint, tmp_path):
+    """A rescored 4-bit LM head only ranks and shares its bytes with nothing, so it is quantized
+    in blocks of up to RANKING_BLOCK_SIZE (capped by the hidden size: 64 here); the layers and
+    the 8-bit table keep --block-size. Unrescored, the head is the lookup's table and keeps it."""
+    folder, _ = checkpoint
+    for top, head_block in ((8, 64), (0, 32)):
+        out = build_model(folder, tmp_path / f"r{top}", target="ort", precision="int4",
+                          quant=QuantConfig(bits=4, rescore_top=top))  # fmt: skip
+        blocks = _matmul_nbits_bits(out, "block_size")
+        assert blocks.pop("lm_head") == head_block
+        assert blocks and set(blocks.values()) == {32}, blocks
+
+
+@pytest.mark.parametrize(
+    ("quant", "target", "hidden", "block"),
+    [
+        (QuantConfig(bits=4), "ort", 640, 128),  # Gemma 3 270M
+        (QuantConfig(bits=4), "ort", 1152, 128),  # 1B: 9 x 128
+        (QuantConfig(bits=4), "ort", 96, 32),  # 3 x 32: no coarser power of two divides it
+        (QuantConfig(bits=4, block_size=256), "ort", 2560, 256),  # never finer than asked
+        (QuantConfig(bits=4, rescore_top=0), "ort", 640, 32),  # the lookup's table too
+        (QuantConfig(bits=8), "ort", 640, 32),  # int8 rescores from the head's own table
+        (QuantConfig(bits=4), "portable", 640, 32),  # no rescoring there
+    ],
+)  # fmt: skip
+def test_head_block_size_by_role(quant, target, hidden, block):
+    assert quant.head_quant(target, hidden).block_size == block
+    described = quant.describe(target, hidden)["lm_head_block_size"]
+    assert described == (block if target == "ort" else None)
 
 
 def test_rescoring_options_are_checked(checkpoint, tmp_path):
@@ -431,11 +462,11 @@ def _with_word_tokenizer(folder, tmp_path):
 @pytest.mark.parametrize(
     ("target", "quantization"),
     [
-        ("ort", {"lm_head_bits": 4, "embedding_bits": 8, "rescore_top": 16, "layer_bits": 8,
-                 "block_size": 32, "accuracy_level": 4}),
+        ("ort", {"lm_head_bits": 4, "lm_head_block_size": 64, "embedding_bits": 8,
+                 "rescore_top": 64, "layer_bits": 8, "block_size": 32, "accuracy_level": 4}),
         # the portable graph's KV grows (past + new): measured through its own I/O
-        ("portable", {"lm_head_bits": None, "embedding_bits": None, "rescore_top": 0,
-                      "layer_bits": 4, "block_size": 32, "accuracy_level": 4}),
+        ("portable", {"lm_head_bits": None, "lm_head_block_size": None, "embedding_bits": None,
+                      "rescore_top": 0, "layer_bits": 4, "block_size": 32, "accuracy_level": 4}),
     ],
 )  # fmt: skip
 def test_quantized_build_reports_measured_quality(checkpoint, tmp_path, target, quantization):

@@ -50,7 +50,7 @@ ENGINES = (*OURS, "torch", "genai-fp32", "genai-int4", "llama")
 BASELINES = ("torch", "genai-fp32", "genai-int4", "llama")
 LABELS = {
     "ours-fp32": "gemma-onnx fp32, ort target",
-    "ours-int4": "gemma-onnx int4 (4-bit head, 8-bit layers, top 16 rescored), ort target",
+    "ours-int4": "gemma-onnx int4 (4-bit head, 8-bit layers, top 64 rescored), ort target",
     "ours-int4-4bit": "gemma-onnx int4 --layer-bits 4 (4-bit layers), ort target",
     "ours-int4-plain": "gemma-onnx int4 --rescore-top 0 (no rescoring), ort target",
     "ours-portable": "gemma-onnx fp32, portable target",
