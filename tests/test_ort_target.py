@@ -283,7 +283,7 @@ def _config(folder):
     return Gemma3Config.from_file(folder / "config.json")
 
 
-def _matmul_nbits_bits(folder, attribute="bits") -> dict[str, int]:
+def _quantized_node_attribute(folder, attribute="bits") -> dict[str, int]:
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     return {
         n.name: next(a.i for a in n.attribute if a.name == attribute)
@@ -306,7 +306,7 @@ def test_int4_keeps_the_table_at_4_bits_and_the_layers_at_8(checkpoint, tmp_path
         quant = QuantConfig(bits=4, layer_bits=layer_bits)
         out = build_model(folder, tmp_path / f"q{layer_bits}", target="ort", precision="int4",
                           quant=quant)  # fmt: skip
-        bits = _matmul_nbits_bits(out)
+        bits = _quantized_node_attribute(out)
         table = {n: bits.pop(n) for n in ("model.embed_tokens", "lm_head", "lm_head.rescore_rows")}
         assert table == {"model.embed_tokens": 8, "lm_head": 4, "lm_head.rescore_rows": 8}
         assert bits and set(bits.values()) == {layer_bits or 8}, bits
@@ -365,7 +365,7 @@ def test_a_ranking_head_takes_coarser_blocks(checkpoint, tmp_path):
     for top, head_block in ((8, 64), (0, 32)):
         out = build_model(folder, tmp_path / f"r{top}", target="ort", precision="int4",
                           quant=QuantConfig(bits=4, rescore_top=top))  # fmt: skip
-        blocks = _matmul_nbits_bits(out, "block_size")
+        blocks = _quantized_node_attribute(out, "block_size")
         assert blocks.pop("lm_head") == head_block
         assert blocks and set(blocks.values()) == {32}, blocks
 
