@@ -544,7 +544,9 @@ class DecoderGraph:
     def lm_head(
         self, hidden: ir.Value, logits_to_keep: ir.Value, final_norm: bool = True
     ) -> ir.Value:
-        """Final norm and LM head over the last ``logits_to_keep`` positions (0 = all).
+        """Final norm and LM head over the last ``logits_to_keep`` positions (0 = all; a
+        negative -n drops the first n instead, so -S or less keeps none: what our runtime binds
+        for a long prompt's chunks before its last, which need no logits).
 
         The tied head reuses the embedding initializer through Gemm(transB=1), so the file and
         the session hold one copy of the [vocab, hidden] matrix.
@@ -603,7 +605,10 @@ class DecoderGraph:
                 "lm_head.logits_shape",
                 axis=0,
             )
-            logits = self.op("Reshape", [scores, shape], "lm_head.unflatten", out="logits")
+            # allowzero: a step that keeps no position has shape [B, 0, V], not "copy dim 1".
+            logits = self.op(
+                "Reshape", [scores, shape], "lm_head.unflatten", out="logits", allowzero=1
+            )
         else:
             logits = scores
             logits.name = "logits"

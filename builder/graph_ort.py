@@ -283,7 +283,8 @@ class OrtDecoderGraph(DecoderGraph):
 
     def logits_to_keep_input(self) -> ir.Value:
         """A required input here: the runtime binds it every step (IO binding cannot bind an
-        overridable initializer), 1 during prefill so a long prompt yields one logits row."""
+        overridable initializer), 1 during prefill so a long prompt yields one logits row, and
+        none (a large negative value: see lm_head) for the chunks of a prompt before its last."""
         return ir.Value(
             name="logits_to_keep", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([])
         )

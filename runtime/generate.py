@@ -123,9 +123,9 @@ def _prefill_rows(
 ) -> np.ndarray:
     """Shared-KV graphs keep rows right-padded (each row's tokens from position 0), so each
     prompt runs alone at its own length, into its own row of the KV buffers; on the CPU in
-    chunks of PREFILL_CHUNK tokens, each attending to the KV the previous ones wrote (on CUDA
-    the activations are device memory, and one forward per prompt keeps GQA on its first-prompt
-    path)."""
+    chunks of PREFILL_CHUNK tokens, each attending to the KV the previous ones wrote, and only
+    the last computing logits (on CUDA the activations are device memory, and one forward per
+    prompt keeps GQA on its first-prompt path)."""
     first = np.zeros(len(prompts), np.int64)
     chunk = PREFILL_CHUNK if session.device == "cpu" else max(map(len, prompts))
     for row, prompt in enumerate(prompts):
@@ -137,7 +137,9 @@ def _prefill_rows(
             end = min(start + chunk, length)
             state.input_ids[: end - start] = prompt[start:end]  # as [1, end - start]
             state.position_ids[: end - start] = np.arange(start, end)
-            logits = session.forward_shared(state, 1, end - start, end, first_row=row)  # [1, V]
+            logits = session.forward_shared(  # [1, V] from the last chunk; None before
+                state, 1, end - start, end, first_row=row, logits=end == length
+            )
         first[row] = sampler(logits, state.seen[row : row + 1])[0]
         state.seen[row, first[row]] = True
     return first

@@ -197,6 +197,9 @@ class RunState:
     mask_packed: np.ndarray
     # 0-d int64 = 1: ask the graph for the last position's logits only (the optional input).
     logits_to_keep: np.ndarray
+    # 0-d int64 = -2**62: ask for none (the graph drops that many leading positions; a shared-KV
+    # prompt's chunks before its last need no logits).
+    no_logits: np.ndarray
     # Per row: the position id of the next token, [B] int64 (rows differ under left padding).
     next_position: np.ndarray
     # Per row: tokens in the prompt + output so far, [B, V] bool (the repetition penalty's set).
@@ -313,6 +316,7 @@ class Session:
             mask=np.zeros((batch, max_length), np.int64),
             mask_packed=np.zeros(batch * max_length, np.int64),
             logits_to_keep=np.array(1, np.int64),
+            no_logits=np.array(-(2**62), np.int64),
             next_position=np.zeros(batch, np.int64),
             seen=np.zeros((batch, spec.vocab_size), bool),
         )
@@ -335,13 +339,21 @@ class Session:
         b.bind_input("attention_mask", "cpu", 0, _INT64, [rows, total], mask.ctypes.data)
 
     def forward_shared(
-        self, state: RunState, rows: int, seq: int, total: int, first_row: int = 0
-    ) -> np.ndarray:
+        self,
+        state: RunState,
+        rows: int,
+        seq: int,
+        total: int,
+        first_row: int = 0,
+        logits: bool = True,
+    ) -> np.ndarray | None:
         """Shared-KV graphs: run rows ``first_row .. first_row + rows`` on packed [rows, seq]
         inputs and the mask's first ``total`` columns (right-padded: each row's valid tokens
         from position 0); the graph writes each row's new KV at its own length, in place.
 
-        Returns the last position's logits, [rows, V] float32, a view of ``state.logits``.
+        Returns the last position's logits, [rows, V] float32, a view of ``state.logits``; with
+        ``logits=False`` (a prompt's chunk before its last) the graph skips its LM head and
+        this returns None.
         """
         if first_row + rows > state.batch or total > state.max_length:
             raise ValueError(
@@ -350,10 +362,10 @@ class Session:
             )
         spec, b = self.spec, state.binding
         self._bind_tokens(state, rows, seq, total, first_row)
-        b.bind_input("logits_to_keep", "cpu", 0, _INT64, [], state.logits_to_keep.ctypes.data)
-        b.bind_output(
-            "logits", "cpu", 0, _FLOAT32, [rows, 1, spec.vocab_size], state.logits.ctypes.data
-        )
+        keep = state.logits_to_keep if logits else state.no_logits
+        b.bind_input("logits_to_keep", "cpu", 0, _INT64, [], keep.ctypes.data)
+        shape = [rows, 1 if logits else 0, spec.vocab_size]
+        b.bind_output("logits", "cpu", 0, _FLOAT32, shape, state.logits.ctypes.data)
         if state.kv_bound != (rows, first_row):
             heads, dim = spec.num_kv_heads, spec.head_dim
             for index, ((past_name, present_name), buffer) in enumerate(
@@ -366,6 +378,8 @@ class Session:
             state.kv_bound = (rows, first_row)
         self.session.run_with_iobinding(b)
         state.past_length = max(state.past_length, total)
+        if not logits:
+            return None
         return state.logits[: rows * spec.vocab_size].reshape(rows, spec.vocab_size)
 
     def forward(self, state: RunState, rows: int, seq: int) -> np.ndarray:

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -120,15 +121,43 @@ def test_shared_kv_buffers_are_bound_once_per_row_range(checkpoint, ort_build, m
 
 def test_chunked_prefill_equals_hf(checkpoint, ort_build, monkeypatch):
     """On the CPU a prompt runs in chunks of PREFILL_CHUNK tokens, each attending to the KV the
-    earlier ones wrote: chunks of 4 across a sliding window of 5 still give HF's tokens."""
+    earlier ones wrote: chunks of 4 across a sliding window of 5 still give HF's tokens. Only a
+    prompt's last chunk runs the LM head: the others bind an empty logits output."""
     _, oracle = checkpoint
     generate_module = importlib.import_module("gemma_onnx.runtime.generate")
     monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 4)
+    logits_rows = []
+    real_run = ort.InferenceSession.run_with_iobinding
+
+    def recording_run(self, binding, *args):
+        real_run(self, binding, *args)
+        names = [o.name for o in self.get_outputs()]
+        logits_rows.append(binding.get_outputs()[names.index("logits")].shape()[1])
+
+    monkeypatch.setattr(ort.InferenceSession, "run_with_iobinding", recording_run)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 320, size=n).tolist() for n in (13, 4, 9)]
     gemma = Gemma(ort_build)
     batch = gemma.generate(prompts, max_new_tokens=8, ignore_eos=True)
     assert [row.token_ids for row in batch] == [hf_greedy(oracle, p, 8) for p in prompts]
+    # Chunks of 13, 4 and 9 tokens: 4+4+4+1, 4, 4+4+1; then 7 one-token steps of the batch.
+    assert logits_rows == [0, 0, 0, 1] + [1] + [0, 0, 1] + [1] * 7
+
+
+@pytest.mark.parametrize("target", ["ort", "portable"])
+def test_negative_logits_to_keep_drops_leading_positions(checkpoint, ort_build, tmp_path, target):
+    """logits_to_keep -n leaves out the first n positions' logits (HF's 0 still keeps all), so
+    -S or less yields none: how the runtime skips the LM head of a prompt's earlier chunks."""
+    folder = ort_build if target == "ort" else build_model(checkpoint[0], tmp_path / "m")
+    session = ort_session(folder)
+    ids = np.random.default_rng(6).integers(3, 320, size=(1, 6))
+    feed = shared_kv_feed(session, ids, 32) if target == "ort" else contract_feed(session, ids)
+    every = session.run(["logits"], {**feed, "logits_to_keep": np.array(0, np.int64)})[0]
+    assert every.shape[1] == 6
+    for keep, first in ((-2, 2), (-6, 6), (-(2**62), 6), (3, 3)):
+        kept = session.run(["logits"], {**feed, "logits_to_keep": np.array(keep, np.int64)})[0]
+        assert kept.shape == (1, 6 - first, every.shape[2])
+        np.testing.assert_allclose(kept, every[:, first:], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
