@@ -14,6 +14,9 @@ Why it is shaped this way:
   prompt plus the pick of the first new token; decode = (new tokens - 1) / the time of the
   remaining steps. One short warm-up generation (same prompt, 2 new tokens) precedes the measured
   one, so first-touch allocation is not billed as speed; load time is reported on its own.
+- Ours run as ``gemma-onnx generate`` runs them, with glibc's malloc on transparent huge pages
+  (gemma_onnx/huge_pages.py) where that applies; ``ours-int4-4k`` runs the int4 build without
+  them, as a Python caller gets it who does not set ``GLIBC_TUNABLES``.
 - Optional engines (onnxruntime-genai, llama-cpp-python, PyTorch) may live in other Python
   environments: the tool runs this very file there as a child (``benchmark.py _child spec``),
   which is why nothing outside the standard library is imported at module level. An engine
@@ -44,7 +47,7 @@ from typing import Any
 
 OURS = (
     "ours-fp32", "ours-int4", "ours-int4-4bit", "ours-int4-plain", "ours-portable",
-    "ours-int4-text",
+    "ours-int4-text", "ours-int4-4k",
 )  # fmt: skip
 ENGINES = (*OURS, "torch", "genai-fp32", "genai-int4", "llama")
 BASELINES = ("torch", "genai-fp32", "genai-int4", "llama")
@@ -55,6 +58,7 @@ LABELS = {
     "ours-int4-plain": "gemma-onnx int4 --rescore-top 0 (no rescoring), ort target",
     "ours-portable": "gemma-onnx fp32, portable target",
     "ours-int4-text": "gemma-onnx int4 (default), tokenizer loaded (text prompts, the CLI)",
+    "ours-int4-4k": "gemma-onnx int4 (default), 4 KB pages (a Python caller without the tunable)",
     "torch": "PyTorch + transformers fp32 eager",
     "genai-fp32": "onnxruntime-genai fp32",
     "genai-int4": "onnxruntime-genai int4",
@@ -175,6 +179,17 @@ def settle(max_wait: float, quiet: float = 0.9) -> float | None:
 def child_env() -> dict[str, str]:
     """No model hub at run time: every engine must read the local folders it is given."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def engine_env(engine: str) -> dict[str, str]:
+    """Ours start as ``gemma-onnx generate`` restarts itself: with glibc's malloc on huge pages
+    where that helps (not ``ours-int4-4k``); the others as they come."""
+    env = child_env()
+    if _kind(engine) != "ours" or engine.endswith("-4k"):
+        return env
+    from gemma_onnx.huge_pages import huge_page_env  # the parent runs where gemma_onnx is
+
+    return huge_page_env(env) or env
 
 
 def lock_work_dir(work_dir: Path) -> int:
@@ -317,7 +332,7 @@ BUILD_ARGS = {  # engine -> how its folder is made
     "genai-int4": {"builder": "genai", "precision": "int4"},
 }
 # Engines that run another engine's folder (the same build, run another way).
-SAME_BUILD = {"ours-int4-text": "ours-int4"}
+SAME_BUILD = {"ours-int4-text": "ours-int4", "ours-int4-4k": "ours-int4"}
 
 
 def source_digest(*packages: str) -> str:
@@ -437,7 +452,7 @@ def run_engine_once(
         [engine.python, str(Path(__file__).resolve()), "_child", str(spec_path)],
         args.work_dir / "logs" / f"run-{engine.engine}-{index}.log",
         args.timeout,
-        child_env(),
+        engine_env(engine.engine),
     )
     if result.returncode or not out_path.is_file():
         engine.failed = f"run {index + 1} failed ({result.log}): {_tail(result.log, 2)}"
