@@ -17,9 +17,9 @@ from gemma_onnx.tools import benchmark
 
 OURS = (
     "ours-fp32", "ours-int4", "ours-int4-4bit", "ours-int4-plain", "ours-portable",
-    "ours-int4-text", "ours-int4-4k",
+    "ours-int4-text",
 )  # fmt: skip
-BUILT = OURS[:-2]  # ours-int4-text and ours-int4-4k run ours-int4's folder
+BUILT = OURS[:-1]  # ours-int4-text runs ours-int4's folder
 
 
 def _word_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -97,22 +97,19 @@ def test_benchmark_reports_our_engines(tiny_hf, tmp_path, capsys):
         assert run["decode"] > 0 and run["prefill"] > 0 and run["rss"] > 0
     tokens = {name: results["engines"][name]["runs"][0]["tokens"] for name in OURS}
     assert tokens["ours-int4-text"] == tokens["ours-int4"]  # the same folder, run with text on
-    assert tokens["ours-int4-4k"] == tokens["ours-int4"]  # ... and on 4 KB pages
 
 
-def test_ours_run_with_huge_pages_except_the_4k_engine(monkeypatch):
-    """Ours start as `gemma-onnx generate` restarts itself (the malloc tunable, where it
-    applies); ours-int4-4k and the other engines start with the environment as it is."""
+def test_huge_pages_go_to_every_engine_or_none(monkeypatch):
+    """--huge-pages starts every engine with the malloc tunable (ORT-based peers gain from it
+    as ours do); without it, every engine starts in this environment as it is."""
     monkeypatch.setattr(huge_pages, "_thp_mode", lambda: "madvise")
     monkeypatch.setattr(huge_pages, "_glibc_version", lambda: (2, 36))
     monkeypatch.setattr(huge_pages.sys, "platform", "linux")
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv(huge_pages.OPT_OUT, raising=False)
-    for engine in benchmark.ENGINES:
-        env = benchmark.engine_env(engine)
-        wanted = engine.startswith("ours-") and engine != "ours-int4-4k"
-        assert (env.get("GLIBC_TUNABLES") == huge_pages.TUNABLE) == wanted, engine
-        assert env["HF_HUB_OFFLINE"] == "1"
+    assert benchmark.engine_env(True)["GLIBC_TUNABLES"] == huge_pages.TUNABLE
+    assert "GLIBC_TUNABLES" not in benchmark.engine_env(False)
+    assert benchmark.engine_env(True)["HF_HUB_OFFLINE"] == "1"
 
 
 def test_benchmark_reuses_builds_and_skips_missing_engines(tiny_hf, tmp_path, capsys):

@@ -14,9 +14,9 @@ Why it is shaped this way:
   prompt plus the pick of the first new token; decode = (new tokens - 1) / the time of the
   remaining steps. One short warm-up generation (same prompt, 2 new tokens) precedes the measured
   one, so first-touch allocation is not billed as speed; load time is reported on its own.
-- Ours run as ``gemma-onnx generate`` runs them, with glibc's malloc on transparent huge pages
-  (gemma_onnx/huge_pages.py) where that applies; ``ours-int4-4k`` runs the int4 build without
-  them, as a Python caller gets it who does not set ``GLIBC_TUNABLES``.
+- Every engine starts in the same environment: this one's, or with ``--huge-pages`` glibc's
+  malloc on transparent huge pages for all of them (gemma_onnx/huge_pages.py, as ``gemma-onnx
+  generate`` starts itself). ORT-based engines gain from it alike, so no engine gets it alone.
 - Optional engines (onnxruntime-genai, llama-cpp-python, PyTorch) may live in other Python
   environments: the tool runs this very file there as a child (``benchmark.py _child spec``),
   which is why nothing outside the standard library is imported at module level. An engine
@@ -47,7 +47,7 @@ from typing import Any
 
 OURS = (
     "ours-fp32", "ours-int4", "ours-int4-4bit", "ours-int4-plain", "ours-portable",
-    "ours-int4-text", "ours-int4-4k",
+    "ours-int4-text",
 )  # fmt: skip
 ENGINES = (*OURS, "torch", "genai-fp32", "genai-int4", "llama")
 BASELINES = ("torch", "genai-fp32", "genai-int4", "llama")
@@ -58,7 +58,6 @@ LABELS = {
     "ours-int4-plain": "gemma-onnx int4 --rescore-top 0 (no rescoring), ort target",
     "ours-portable": "gemma-onnx fp32, portable target",
     "ours-int4-text": "gemma-onnx int4 (default), tokenizer loaded (text prompts, the CLI)",
-    "ours-int4-4k": "gemma-onnx int4 (default), 4 KB pages (a Python caller without the tunable)",
     "torch": "PyTorch + transformers fp32 eager",
     "genai-fp32": "onnxruntime-genai fp32",
     "genai-int4": "onnxruntime-genai int4",
@@ -181,11 +180,11 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def engine_env(engine: str) -> dict[str, str]:
-    """Ours start as ``gemma-onnx generate`` restarts itself: with glibc's malloc on huge pages
-    where that helps (not ``ours-int4-4k``); the others as they come."""
+def engine_env(huge_pages: bool) -> dict[str, str]:
+    """Every engine's environment; with ``huge_pages``, glibc's malloc tunable for transparent
+    huge pages where it applies (as ``gemma-onnx generate`` restarts itself)."""
     env = child_env()
-    if _kind(engine) != "ours" or engine.endswith("-4k"):
+    if not huge_pages:
         return env
     from gemma_onnx.huge_pages import huge_page_env  # the parent runs where gemma_onnx is
 
@@ -332,7 +331,7 @@ BUILD_ARGS = {  # engine -> how its folder is made
     "genai-int4": {"builder": "genai", "precision": "int4"},
 }
 # Engines that run another engine's folder (the same build, run another way).
-SAME_BUILD = {"ours-int4-text": "ours-int4", "ours-int4-4k": "ours-int4"}
+SAME_BUILD = {"ours-int4-text": "ours-int4"}
 
 
 def source_digest(*packages: str) -> str:
@@ -452,7 +451,7 @@ def run_engine_once(
         [engine.python, str(Path(__file__).resolve()), "_child", str(spec_path)],
         args.work_dir / "logs" / f"run-{engine.engine}-{index}.log",
         args.timeout,
-        engine_env(engine.engine),
+        engine_env(args.huge_pages),
     )
     if result.returncode or not out_path.is_file():
         engine.failed = f"run {index + 1} failed ({result.log}): {_tail(result.log, 2)}"
@@ -609,6 +608,14 @@ def report(
             f"note: CPUs idle in the second before each run: {min(idle):.0%}-{max(idle):.0%} "
             f"(waited up to {args.settle:.0f} s for >= 90%)"
         )
+    if args.huge_pages:
+        applied = engine_env(True) != child_env()
+        out.append(
+            "note: every engine started with glibc's malloc on transparent huge pages"
+            if applied
+            else "note: --huge-pages changes nothing here (not Linux with glibc 2.35+ and THP "
+            "mode madvise, or GLIBC_TUNABLES already set)"
+        )
     sources = {run["source"] for e in done.values() for run in e.runs if run["source"]}
     if len(sources) > 1:
         out.append("note: gemma_onnx's source changed during the benchmark; runs mix versions")
@@ -652,6 +659,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=20,
         help="before each run, wait up to this many seconds for the CPUs to be 90%% idle",
+    )
+    parser.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="start every engine with glibc's malloc on transparent huge pages, as gemma-onnx "
+        "generate starts itself (Linux, glibc 2.35+, the kernel's THP mode madvise)",
     )
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     args = parser.parse_args(argv)
