@@ -5,8 +5,8 @@ weights ORT repacks into memory it allocates with glibc's malloc. On 4 KB pages 
 50,000 pages a token, each a TLB miss; on 2 MB pages, a hundred. Where the kernel grants huge
 pages only to memory that asks for them (``/sys/kernel/mm/transparent_hugepage/enabled`` is
 ``madvise``, a common default), glibc 2.35+ asks for them when started with the tunable
-``glibc.malloc.hugetlb=1``. Measured on Gemma 3 270M int4 (fresh processes, 7 pairs): decode
-+9%, the same peak RSS; fp32 +5-15%.
+``glibc.malloc.hugetlb=1``. Measured on Gemma 3 270M int4 (three sets of 7 fresh-process
+pairs): decode +7-14%, the same peak RSS; fp32 +5-15%.
 
 A tunable is read when the process starts, so ``gemma-onnx generate`` re-executes itself once
 with it, before importing anything heavy. A Python caller sets it before starting Python:
@@ -45,7 +45,7 @@ def _thp_mode(path: str = _THP_MODE) -> str | None:
     return text[start + 1 : end] if 0 <= start < end else None
 
 
-def huge_page_env(environ: Mapping[str, str], thp_mode: str | None = None) -> dict | None:
+def huge_page_env(environ: Mapping[str, str]) -> dict | None:
     """``environ`` plus the malloc tunable, or None where it would change nothing: not Linux
     with glibc 2.35+, the kernel's mode not ``madvise``, the tunable already set (by the user or
     a re-execution), or the opt-out."""
@@ -57,7 +57,7 @@ def huge_page_env(environ: Mapping[str, str], thp_mode: str | None = None) -> di
     version = _glibc_version()
     if version is None or version < (2, 35):
         return None
-    if (thp_mode or _thp_mode()) != "madvise":
+    if _thp_mode() != "madvise":
         return None
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, TUNABLE)))}
 
