@@ -6,7 +6,7 @@ weights ORT repacks into memory it allocates with glibc's malloc. On 4 KB pages 
 pages only to memory that asks for them (``/sys/kernel/mm/transparent_hugepage/enabled`` is
 ``madvise``, a common default), glibc 2.35+ asks for them when started with the tunable
 ``glibc.malloc.hugetlb=1``. Measured on Gemma 3 270M int4 (three sets of 7 fresh-process
-pairs): decode +7-14%, the same peak RSS; fp32 +5-15%.
+pairs): decode +7-14%, the same peak RSS; fp32 +4-15%.
 
 A tunable is read when the process starts, so ``gemma-onnx generate`` re-executes itself once
 with it, before importing anything heavy. A Python caller sets it before starting Python:
