@@ -399,3 +399,16 @@ def real_ort_dir(real_hf_dir, tmp_path_factory) -> Path:
     from gemma_onnx.builder import build_model
 
     return build_model(real_hf_dir, tmp_path_factory.mktemp("real_ort") / "m", target="ort")
+
+
+@pytest.fixture
+def huge_pages_apply(monkeypatch):
+    """A machine where gemma_onnx.huge_pages would add its malloc tunable: Linux, glibc 2.36,
+    THP mode madvise, and neither the tunable nor the opt-out in the environment."""
+    from gemma_onnx import huge_pages
+
+    monkeypatch.setattr(huge_pages.sys, "platform", "linux")
+    monkeypatch.setattr(huge_pages, "_glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(huge_pages, "_thp_mode", lambda: "madvise")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(huge_pages.OPT_OUT, raising=False)

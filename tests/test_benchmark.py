@@ -99,14 +99,9 @@ def test_benchmark_reports_our_engines(tiny_hf, tmp_path, capsys):
     assert tokens["ours-int4-text"] == tokens["ours-int4"]  # the same folder, run with text on
 
 
-def test_huge_pages_go_to_every_engine_or_none(monkeypatch):
+def test_huge_pages_go_to_every_engine_or_none(huge_pages_apply):
     """--huge-pages starts every engine with the malloc tunable (ORT-based peers gain from it
     as ours do); without it, every engine starts in this environment as it is."""
-    monkeypatch.setattr(huge_pages, "_thp_mode", lambda: "madvise")
-    monkeypatch.setattr(huge_pages, "_glibc_version", lambda: (2, 36))
-    monkeypatch.setattr(huge_pages.sys, "platform", "linux")
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.delenv(huge_pages.OPT_OUT, raising=False)
     assert benchmark.engine_env(True)["GLIBC_TUNABLES"] == huge_pages.TUNABLE
     assert "GLIBC_TUNABLES" not in benchmark.engine_env(False)
     assert benchmark.engine_env(True)["HF_HUB_OFFLINE"] == "1"

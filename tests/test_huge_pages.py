@@ -13,14 +13,7 @@ from gemma_onnx import __main__ as entry
 from gemma_onnx import huge_pages
 
 
-@pytest.fixture
-def linux_glibc(monkeypatch):
-    monkeypatch.setattr(huge_pages.sys, "platform", "linux")
-    monkeypatch.setattr(huge_pages, "_glibc_version", lambda: (2, 36))
-    monkeypatch.setattr(huge_pages, "_thp_mode", lambda: "madvise")
-
-
-def test_the_tunable_is_added_where_it_helps(linux_glibc):
+def test_the_tunable_is_added_where_it_helps(huge_pages_apply):
     env = huge_pages.huge_page_env({"PATH": "/bin"})
     assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     # Other tunables are kept, in front.
@@ -41,13 +34,13 @@ def test_the_tunable_is_added_where_it_helps(linux_glibc):
         ({}, {"GEMMA_ONNX_HUGE_PAGES": "0"}),  # opted out
     ],
 )
-def test_no_tunable_where_it_changes_nothing(linux_glibc, monkeypatch, change, environ):
+def test_no_tunable_where_it_changes_nothing(huge_pages_apply, monkeypatch, change, environ):
     for name, value in change.items():
         monkeypatch.setattr(huge_pages, name, value)
     assert huge_pages.huge_page_env(environ) is None
 
 
-def test_not_off_linux(linux_glibc, monkeypatch):
+def test_not_off_linux(huge_pages_apply, monkeypatch):
     monkeypatch.setattr(huge_pages.sys, "platform", "darwin")
     assert huge_pages.huge_page_env({}) is None
 
@@ -59,11 +52,9 @@ def test_thp_mode_reads_the_bracketed_choice(tmp_path):
     assert huge_pages._thp_mode(str(tmp_path / "missing")) is None
 
 
-def test_restart_runs_the_same_command_line(linux_glibc, monkeypatch):
+def test_restart_runs_the_same_command_line(huge_pages_apply, monkeypatch):
     calls = []
     monkeypatch.setattr(huge_pages.os, "execve", lambda *args: calls.append(args))
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.delenv(huge_pages.OPT_OUT, raising=False)
     monkeypatch.setattr(sys, "orig_argv", ["python3", "/venv/bin/gemma-onnx", "generate", "hi"])
     huge_pages.reexec_with_huge_pages()
     ((executable, argv, env),) = calls
