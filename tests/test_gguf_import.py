@@ -477,12 +477,19 @@ def test_default_model_cache_is_built_once(tmp_path, monkeypatch):
     assert onnx_dir == root / "onnx"
     assert (onnx_dir / "model.onnx").read_bytes() == b"onnx"
     assert stages.calls == ["assemble", "import", "import", "build"]
-    assert sorted(p.name for p in root.iterdir()) == ["gguf", "hf", "onnx"]
+    # The HF folder was only the build's input: the cache keeps the GGUF and the model.
+    assert sorted(p.name for p in root.iterdir()) == ["gguf", "onnx"]
+
+    # Those who want the HF folder again (the benchmark) get it from the cached GGUF.
+    hf_dir = default_model.ensure_default_weights(progress=False)
+    assert hf_dir == root / "hf" and (hf_dir / "config.json").is_file()
+    assert default_model.ensure_default_weights(progress=False) == hf_dir
+    assert stages.calls == ["assemble", "import", "import", "build", "import"]
 
     # Warm cache: no stage runs, and the optional packages are not even needed.
     monkeypatch.setitem(sys.modules, "gguf", None)
     assert default_model.ensure_default_model(progress=False) == onnx_dir
-    assert stages.calls == ["assemble", "import", "import", "build"]
+    assert stages.calls == ["assemble", "import", "import", "build", "import"]
 
 
 def test_default_cache_home(monkeypatch):

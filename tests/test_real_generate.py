@@ -69,6 +69,7 @@ def test_default_model_first_use_prints_hf_greedy(default_model, real_gguf_oracl
     assert out == hf_continuation(real_gguf_oracle, ids, 24) + "\n"
     built = default_model / "gemma-3-270m-q4_k_m" / "onnx"
     assert (built / "model.onnx").is_file()
+    assert sorted(p.name for p in built.parent.iterdir()) == ["gguf", "onnx"]  # no HF copy
     # A second run reuses the cache: nothing is rebuilt.
     stamp = (built / "model.onnx").stat().st_mtime_ns
     assert generate("--temperature", "0", "--max-new-tokens", "4", "Hello") is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def real_onnx_dir(real_hf_dir, tmp_path_factory):
-    return build_model(real_hf_dir, tmp_path_factory.mktemp("real_onnx") / "gemma-3-270m")
+    folder = build_model(real_hf_dir, tmp_path_factory.mktemp("real_onnx") / "gemma-3-270m")
+    yield folder
+    shutil.rmtree(folder.parent, ignore_errors=True)  # 1 GB the other modules do not use
 
 
 @pytest.fixture(scope="module")

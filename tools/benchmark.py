@@ -277,11 +277,12 @@ def prompt_ids(hf_dir: Path, tokens: int) -> list[int]:
 
 
 def default_model_files() -> tuple[Path, Path]:
-    """(HF fp32 folder, Q4_K_M GGUF) of the default model, made on first use (~2 minutes)."""
+    """(HF fp32 folder, Q4_K_M GGUF) of the default model, from the default-model cache
+    (the HF folder is imported again if the cache no longer has it)."""
     from gemma_onnx.tools import default_model
 
-    root = default_model.ensure_default_model().parent
-    return root / "hf", root / "gguf" / default_model.GGUF_FILE
+    hf_dir = default_model.ensure_default_weights()
+    return hf_dir, hf_dir.parent / "gguf" / default_model.GGUF_FILE
 
 
 def find_gguf(given: Path | None, work_dir: Path) -> tuple[Path | None, str]:

