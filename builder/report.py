@@ -3,8 +3,11 @@
 Both graphs run over the same held-out text (``data/heldout.txt``: original prose written for
 this purpose, ~600 tokens), chunk by chunk with their KV caches; at every position, the
 quantized model's most likely next token either equals the fp32 model's or not. The fraction
-that agree, and the largest logit difference, go into ``quality.json`` beside the model, so the
-number a user sees is measured on their build, not quoted.
+that agree, the mean KL divergence of the quantized next-token distribution from fp32's (the
+finer measure: on ~600 tokens, builds of equal KL were seen to differ by 2 points of
+agreement, a dozen near-ties flipping) and the largest logit difference go into
+``quality.json`` beside the model, so the number a user sees is measured on their build, not
+quoted.
 """
 
 from __future__ import annotations
@@ -97,19 +100,37 @@ def measure_agreement(
     total = ids.shape[1]
     reference = _Forward(reference_dir, config, total)
     quantized = _Forward(quantized_dir, config, total)
-    agree, max_diff = 0, 0.0
+    agree, kl, max_diff = 0, 0.0, 0.0
     for start in range(0, total, chunk):
         end = min(start + chunk, total)
         expected, actual = reference(ids, start, end), quantized(ids, start, end)
         agree += int((expected.argmax(-1) == actual.argmax(-1)).sum())
+        kl += kl_divergence_sum(expected, actual)
         max_diff = max(max_diff, float(np.abs(expected - actual).max()))
     return {
         "metric": "teacher-forced top-1 agreement with the fp32 build",
         "text": "gemma_onnx/builder/data/heldout.txt",
         "tokens": int(total),
         "top1_agreement": round(agree / total, 4),
+        "mean_kl_nats": round(kl / total, 5),
         "max_abs_logit_diff": round(max_diff, 4),
     }
+
+
+def kl_divergence_sum(expected: np.ndarray, actual: np.ndarray, rows: int = 16) -> float:
+    """Sum over positions of KL(softmax(expected) || softmax(actual)) in nats, for [T, V]
+    logits; float64, ``rows`` positions at a time (a [16, 262144] block is 34 MB)."""
+    total = 0.0
+    for start in range(0, len(expected), rows):
+        p = _log_softmax(expected[start : start + rows])
+        q = _log_softmax(actual[start : start + rows])
+        total += float((np.exp(p) * (p - q)).sum())
+    return total
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 def write_quality_report(

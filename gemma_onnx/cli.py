@@ -171,8 +171,8 @@ def build(
         measured = json.loads(report.read_text())
         echo(
             f"quality: top-1 agreement with the fp32 build {measured['top1_agreement']:.1%} over "
-            f"{measured['tokens']} held-out tokens (max logit diff "
-            f"{measured['max_abs_logit_diff']}); details in {report}"
+            f"{measured['tokens']} held-out tokens (mean KL {measured['mean_kl_nats']} nats, max "
+            f"logit diff {measured['max_abs_logit_diff']}); details in {report}"
         )
 
 

@@ -499,13 +499,55 @@ def _with_word_tokenizer(folder, tmp_path):
     ],
 )  # fmt: skip
 def test_quantized_build_reports_measured_quality(checkpoint, tmp_path, target, quantization):
-    source = _with_word_tokenizer(checkpoint[0], tmp_path)
+    """quality.json's agreement and KL are what HF fp32 and the quantized graph, run here over
+    the same held-out ids in one step, give (its own reference is our fp32 build, which matches
+    HF to ~1e-5: at most one near-tie may flip)."""
+    from gemma_onnx.builder.report import heldout_ids
+
+    folder, oracle = checkpoint
+    source = _with_word_tokenizer(folder, tmp_path)
     out = build_model(source, tmp_path / "q", target=target, precision="int4")
     report = json.loads((out / "quality.json").read_text())
-    assert report["tokens"] > 100
-    assert 0.0 <= report["top1_agreement"] <= 1.0
     assert report["quantization"] == quantization
     assert not (out / ".fp32-reference").exists()
+
+    ids = heldout_ids(source / "tokenizer.json", oracle.config.vocab_size)
+    assert report["tokens"] == ids.shape[1] > 100
+    session = ort_session(out, optimize=True)
+    feed = (
+        shared_kv_feed(session, ids, ids.shape[1])
+        if target == "ort"
+        else contract_feed(session, ids)
+    )
+    actual = torch.from_numpy(session.run(["logits"], feed)[0][0]).double()
+    with torch.no_grad():
+        expected = oracle(torch.from_numpy(ids)).logits[0].double()
+    agree = (actual.argmax(-1) == expected.argmax(-1)).double().mean().item()
+    kl = (
+        torch.nn.functional.kl_div(
+            actual.log_softmax(-1), expected.log_softmax(-1), log_target=True, reduction="sum"
+        ).item()
+        / ids.shape[1]
+    )
+    assert 0 < kl and report["mean_kl_nats"] == pytest.approx(kl, rel=1e-3, abs=1e-5)
+    assert abs(report["top1_agreement"] - agree) <= 1 / ids.shape[1] + 1e-4, (report, agree)
+    assert report["max_abs_logit_diff"] > 0
+
+
+def test_build_cli_prints_the_measured_quality(checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from gemma_onnx.cli import main
+
+    source = _with_word_tokenizer(checkpoint[0], tmp_path)
+    out = tmp_path / "q"
+    args = ["build", "--weights", str(source), "--output", str(out), "--precision", "int4"]
+    result = CliRunner().invoke(main, [*args, "--target", "ort"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "quality.json").read_text())
+    line = next(x for x in result.output.splitlines() if x.startswith("quality: "))
+    assert f"{report['top1_agreement']:.1%} over {report['tokens']} held-out tokens" in line
+    assert f"mean KL {report['mean_kl_nats']} nats" in line
 
 
 def test_quality_is_skipped_where_its_fp32_reference_would_not_fit(
