@@ -16,6 +16,7 @@ tensors, linear RoPE scaling and sharded output.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -490,6 +491,28 @@ def test_default_model_cache_is_built_once(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
     assert default_model.ensure_default_model(progress=False) == onnx_dir
     assert stages.calls == ["assemble", "import", "import", "build", "import"]
+
+
+def test_default_model_survives_a_concurrent_first_run(tmp_path, monkeypatch):
+    """Two first runs at once: the one that finishes first removes the HF folder the other is
+    still building from. The other then fails to read it, and returns the finished model."""
+    monkeypatch.setenv("GEMMA_ONNX_HOME", str(tmp_path))
+    stages = _FakeStages(monkeypatch)
+    real_build = stages.build_model
+
+    def build_model(weights, output, **kwargs):
+        other = Path(output).parent / ".other-run"  # the other run's whole build, then ours
+        real_build(weights, other, **kwargs)
+        (other / default_model.MARKER).write_text(json.dumps(default_model._marker("onnx")))
+        other.rename(Path(output).parent / "onnx")
+        shutil.rmtree(weights)
+        raise FileNotFoundError(2, "No such file or directory", str(weights))  # as ours reads it
+
+    monkeypatch.setattr(stages, "build_model", build_model)
+    monkeypatch.setattr("gemma_onnx.builder.build_model", build_model)
+    root = tmp_path / default_model.MODEL_NAME
+    assert default_model.ensure_default_model(progress=False) == root / "onnx"
+    assert sorted(p.name for p in root.iterdir()) == ["gguf", "onnx"]
 
 
 def test_default_cache_home(monkeypatch):

@@ -147,7 +147,14 @@ def _stage(target: Path, stage: str, make: Callable[[Path], object]) -> Path:
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        make(staging)
+        try:
+            make(staging)
+        except (OSError, GemmaOnnxError):
+            # A concurrent first run that finished first removes the HF folder this build
+            # reads: its finished copy is as good as ours.
+            if _is_done(target, stage):
+                return target
+            raise
         (staging / MARKER).write_text(json.dumps(_marker(stage)) + "\n", encoding="utf-8")
         if _is_done(target, stage):  # a concurrent run finished first: keep its copy
             return target
