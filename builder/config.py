@@ -121,9 +121,13 @@ class Gemma3Config:
             text = raw.get("text_config")
             if not isinstance(text, dict):
                 raise GemmaOnnxError(f"{source}: model_type 'gemma3' needs a 'text_config' object")
-            # 5.x writes tie_word_embeddings on the outer config; the text config may omit it.
+            # transformers 5 ties by the outer config's flag, and writes it there (an untied
+            # model saved by 5.x has outer false, text_config true); 4.x read text_config's,
+            # and wrote only flags that differ from the default. So the outer flag wins when
+            # present. A stored head that differs from the embedding unties it either way
+            # (weights.load_checkpoint), as transformers 5 does.
             text = {**text}
-            if "tie_word_embeddings" not in text and "tie_word_embeddings" in raw:
+            if "tie_word_embeddings" in raw:
                 text["tie_word_embeddings"] = raw["tie_word_embeddings"]
             architecture = "Gemma3ForConditionalGeneration"
         elif model_type == "gemma3_text":

@@ -66,7 +66,6 @@ def _text_config_json(raw: dict, config: Gemma3Config, precision: str) -> dict:
         text = dict(raw)
     else:
         text = dict(raw["text_config"])
-        text.setdefault("tie_word_embeddings", raw.get("tie_word_embeddings", True))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version"):
             if key in raw and key not in text:
                 text[key] = raw[key]
@@ -74,6 +73,8 @@ def _text_config_json(raw: dict, config: Gemma3Config, precision: str) -> dict:
         text["architectures"] = ["Gemma3ForCausalLM"]
     for name in config.defaulted:
         text[name] = getattr(config, name)
+    # As resolved from both config levels and the stored tensors (weights.load_checkpoint).
+    text["tie_word_embeddings"] = config.tie_word_embeddings
     dtype = _CONFIG_DTYPES.get(precision, "float32")  # int8/int4: float activations
     for key in {"dtype", "torch_dtype"} & text.keys() or {"dtype"}:
         text[key] = dtype
@@ -366,6 +367,11 @@ def build_model(
     _check_output(output, source, overwrite)
     config_path = source / "config.json"
     config = Gemma3Config.from_file(config_path)
+    if target == "ort" and config.head_dim % 8:
+        raise GemmaOnnxError(
+            f"{config_path}: head_dim {config.head_dim} is not a multiple of 8, which ONNX "
+            "Runtime's GroupQueryAttention (--target ort) needs; build with --target portable"
+        )
     raw_config = json.loads(config_path.read_text(encoding="utf-8"))
     config_json = _text_config_json(raw_config, config, precision)
     generation = _generation_config(source, config_json, config.vocab_size)
@@ -378,6 +384,9 @@ def build_model(
                 "--rescore-top applies to --target ort; the portable target's LM head is float"
             )
     checkpoint = load_checkpoint(weights, config)
+    if checkpoint.config != config:  # a stored head of its own untied it
+        config = checkpoint.config
+        config_json["tie_word_embeddings"] = config.tie_word_embeddings
     skip_quality = None
     if precision in BITS:
         skip_quality = quality_skip_reason(checkpoint, output.parent, quality)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 from safetensors import SafetensorError, safe_open
 
@@ -103,6 +104,9 @@ class Checkpoint:
 
     tensors: dict[str, ir.ExternalTensor]
     files: list[Path]
+    # The config the tensors were checked against: the one given, untied when the checkpoint
+    # stores a head that differs from its embedding (build from this one).
+    config: Gemma3Config
 
 
 def find_safetensors(path: Path) -> tuple[list[Path], Path]:
@@ -215,10 +219,16 @@ def load_checkpoint(path: str | Path, config: Gemma3Config) -> Checkpoint:
             if canonical is not None:
                 tensors[canonical] = tensor
 
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        # Tied checkpoints sometimes store the head anyway, equal to the embedding: unused then.
+        # One that differs is a head of its own that the config failed to untie (transformers 5
+        # then keeps it, with a warning; 4.x overwrote it with the embedding).
+        head, embedding = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
+        if embedding is None or _same_values(head, embedding):
+            del tensors["lm_head.weight"]
+        else:
+            config = replace(config, tie_word_embeddings=False)
     expected = expected_shapes(config)
-    if config.tie_word_embeddings:
-        # Tied checkpoints sometimes store the head anyway; it is the embedding, so it is unused.
-        tensors.pop("lm_head.weight", None)
     problems = []
     twice = sorted({name for name in duplicates if name in expected}, key=_sort_key)
     if twice:
@@ -245,7 +255,22 @@ def load_checkpoint(path: str | Path, config: Gemma3Config) -> Checkpoint:
         raise GemmaOnnxError(
             f"{where}: checkpoint does not match config.json:\n  " + "\n  ".join(problems)
         )
-    return Checkpoint(tensors=tensors, files=files)
+    return Checkpoint(tensors=tensors, files=files, config=config)
+
+
+def _same_values(a: ir.ExternalTensor, b: ir.ExternalTensor) -> bool:
+    """Whether two stored tensors hold the same values, compared a slab of rows at a time."""
+    if tuple(a.shape.numpy()) != tuple(b.shape.numpy()):
+        return False
+    x, y = a.numpy(), b.numpy()  # memory-mapped
+    rows = max(1, (16 << 20) // max(1, x[:1].nbytes))
+    for i in range(0, len(x), rows):
+        u, v = x[i : i + rows], y[i : i + rows]
+        if u.dtype != v.dtype:
+            u, v = u.astype(np.float32), v.astype(np.float32)
+        if not np.array_equal(u, v):
+            return False
+    return True
 
 
 # An error lists this many tensor names per kind, then counts the rest: a config typo such as

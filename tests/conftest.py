@@ -120,9 +120,10 @@ def make_causal_lm(
     ).eval()
 
 
-def make_conditional_generation(folder: Path, seed: int = 0, **overrides):
+def make_conditional_generation(folder: Path, seed: int = 0, untied: bool = False, **overrides):
     """Saves a tiny Gemma3ForConditionalGeneration (a SigLIP vision tower; tensor names as
-    save_pretrained writes them, see rename_conditional_weights); returns the fp32 eager oracle."""
+    save_pretrained writes them, see rename_conditional_weights); returns the fp32 eager oracle.
+    ``untied``: the outer config's tie_word_embeddings false, and a random lm_head of its own."""
     import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
@@ -144,9 +145,13 @@ def make_conditional_generation(folder: Path, seed: int = 0, **overrides):
         image_token_index=text["vocab_size"] - 1,
         boi_token_index=text["vocab_size"] - 3,
         eoi_token_index=text["vocab_size"] - 2,
+        tie_word_embeddings=not untied,
     )
     model = Gemma3ForConditionalGeneration(config).eval()
     _randomise_norms(model, seed)
+    if untied:  # logits of order 1, as the text config's initializer_range gives the embedding
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, 0.2)
     model.save_pretrained(folder)
     model.config._attn_implementation = "eager"
     return Gemma3ForConditionalGeneration.from_pretrained(

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import (
     assert_close,
@@ -278,6 +279,66 @@ def test_untied_lm_head(tmp_path, target):
             assert_close(logits, expected, "tiny_fp32_logits")
         else:  # the bound test_quantized_builds_run_and_agree holds int4 to
             assert (logits.argmax(-1) == expected.argmax(-1)).mean() >= 0.6
+
+
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_head_of_its_own_under_a_tied_flag(tmp_path, target):
+    """Checkpoints with a head of their own that a tied flag seems to deny, as transformers 5
+    reads them:
+    - an untied ConditionalGeneration saved by transformers 5: the outer config says untied,
+      its text_config says tied, and transformers 5 goes by the outer flag;
+    - a CausalLM that stores its own head under a config left tied: transformers 5 keeps the
+      stored head, since it differs from the embedding.
+    Both build to HF's logits, and the output config.json says untied, for other runtimes."""
+    ids = np.random.default_rng(8).integers(3, 320, size=(1, 17))
+    conditional = make_conditional_generation(tmp_path / "cond", seed=14, untied=True)
+    raw = json.loads((tmp_path / "cond" / "config.json").read_text())
+    causal = make_causal_lm(tmp_path / "causal", seed=15, tie_word_embeddings=False)
+    raw_causal = json.loads((tmp_path / "causal" / "config.json").read_text())
+    raw_causal["tie_word_embeddings"] = True
+    (tmp_path / "causal" / "config.json").write_text(json.dumps(raw_causal))
+    reload = {"dtype": torch.float32, "attn_implementation": "eager"}
+    causal = type(causal).from_pretrained(tmp_path / "causal", **reload).eval()
+    for name, oracle in (("cond", conditional), ("causal", causal)):
+        weights = oracle.state_dict()
+        embedding = next(v for k, v in weights.items() if k.endswith("embed_tokens.weight"))
+        assert not torch.equal(oracle.lm_head.weight, embedding), name  # HF kept the head
+        with torch.no_grad():
+            expected = oracle(torch.from_numpy(ids)).logits.numpy()
+        out = build_model(tmp_path / name, tmp_path / f"{name}-out", target=target)
+        assert_close(target_logits(out, ids, target), expected, "tiny_fp32_logits")
+        assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert raw["tie_word_embeddings"] is False  # the case as transformers 5 saves it
+    assert raw["text_config"].get("tie_word_embeddings", True) is True
+
+
+def test_head_stored_equal_to_the_embedding_stays_tied(tmp_path):
+    """A tied checkpoint that stores the head anyway, equal to the embedding (as converters
+    from .bin files write them), builds tied: one table, HF's logits."""
+    oracle = make_causal_lm(tmp_path / "hf", seed=16)
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(path)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+    ids = np.random.default_rng(9).integers(3, 320, size=(1, 17))
+    with torch.no_grad():
+        expected = oracle(torch.from_numpy(ids)).logits.numpy()
+    out = build_model(tmp_path / "hf", tmp_path / "out", target="ort")
+    assert_close(target_logits(out, ids, "ort"), expected, "tiny_fp32_logits")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    tables = [i for i in onnx.load(out / "model.onnx", load_external_data=False).graph.initializer
+              if 320 in i.dims and 64 in i.dims]  # fmt: skip
+    assert len(tables) == 1, [t.name for t in tables]
+
+
+def test_ort_target_needs_head_dim_a_multiple_of_8(tmp_path):
+    """ONNX Runtime's GroupQueryAttention takes head sizes in multiples of 8: the ort target
+    refuses others at build time, naming the portable target, rather than failing at the first
+    run (every published Gemma 3 has 256)."""
+    make_causal_lm(tmp_path / "hf", seed=17, head_dim=20)
+    with pytest.raises(GemmaOnnxError, match="head_dim 20.*multiple of 8.*--target portable"):
+        build_model(tmp_path / "hf", tmp_path / "out", target="ort")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("target", ["portable", "ort"])
