@@ -118,6 +118,12 @@ def _check_output(output: Path, source: Path, overwrite: bool) -> None:
         raise GemmaOnnxError(f"{output}: cannot resolve the path ({exc})") from None
     if resolved == src or resolved in src.parents:
         raise GemmaOnnxError(f"{output}: the output folder would contain the source weights")
+    if _is_source_file(resolved, src):
+        raise GemmaOnnxError(f"{output}: is one of the source's files; name a new folder")
+    if output.is_symlink() and not output.exists():
+        raise GemmaOnnxError(f"{output}: is a broken symbolic link; name a new folder")
+    if output.exists() and not (output.is_dir() or output.is_file()):
+        raise GemmaOnnxError(f"{output}: already exists and is not a folder or a file")
     try:
         cwd = Path.cwd().resolve()
     except OSError:  # the current folder was deleted: nothing to protect
@@ -129,6 +135,17 @@ def _check_output(output: Path, source: Path, overwrite: bool) -> None:
     if output.exists() and not overwrite:
         if output.is_file() or any(output.iterdir()):
             raise GemmaOnnxError(f"{output}: already exists; pass --overwrite to replace it")
+
+
+def _is_source_file(resolved: Path, source: Path) -> bool:
+    """Whether ``resolved`` is a file in the source folder, or what one of them links to (a hub
+    cache's snapshot links every file to a blob elsewhere): --overwrite must not delete it."""
+    if source in resolved.parents and resolved.exists() and not resolved.is_dir():
+        return True
+    try:
+        return any(f.resolve() == resolved for f in source.iterdir())
+    except OSError:
+        return False
 
 
 def _write_files(
@@ -182,6 +199,15 @@ def _check_tokenizer_files_readable(source: Path) -> None:
                 (source / name).open("rb").close()
             except OSError as exc:
                 raise GemmaOnnxError(f"{source / name}: cannot read it ({exc.strerror})") from None
+    tokenizer = source / "tokenizer.json"
+    if tokenizer.is_file():  # a broken one would make a folder `generate` cannot read text with
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(tokenizer))
+        except Exception as exc:  # tokenizers raises its own plain Exception
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise GemmaOnnxError(f"{tokenizer}: not a readable tokenizer ({first})") from None
 
 
 def _nearly_full(folder: Path) -> bool:

@@ -21,7 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from gemma_onnx.errors import GemmaOnnxError
-from gemma_onnx.runtime.generate import GenerationStats, fit_context
+from gemma_onnx.runtime.generate import (
+    GenerationStats,
+    check_max_new_tokens,
+    default_max_new_tokens,
+    fit_context,
+)
 from gemma_onnx.runtime.generate import generate as generate_ids
 from gemma_onnx.runtime.sampling import Sampler, SamplingConfig
 from gemma_onnx.runtime.session import RunState, Session
@@ -128,7 +133,7 @@ class Gemma:
         self,
         prompt: Prompt | Sequence[Prompt],
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -148,7 +153,9 @@ class Gemma:
         depends on the rows beside it). Greedy when temperature is 0; ``seed`` makes sampling
         repeat; ``stop`` strings end a row (the text stops before them); ``chat`` wraps text
         prompts in the folder's chat template; ``truncate`` keeps the end of a prompt too long
-        for the context instead of refusing it.
+        for the context instead of refusing it. ``max_new_tokens`` defaults to 256, or to what
+        the context limit (``max_length``) leaves after the longest prompt, if less; a number
+        given is held to.
         """
         single, prompts = _as_batch(prompt)
         completions: list[Completion] = []
@@ -168,7 +175,7 @@ class Gemma:
         self,
         prompt: Prompt,
         *,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -185,6 +192,12 @@ class Gemma:
         if not single:
             raise GemmaOnnxError("stream() takes one prompt; use generate() for a batch")
         self._require_tokenizer("text streams (stream())")
+        # What can be checked without the cache, now rather than at the first iteration.
+        if max_new_tokens is not None:
+            check_max_new_tokens(max_new_tokens)
+        _stop_strings(stop)
+        if prompts[0] == "":
+            self._encode(prompts[0], chat, 0)
         completions: list[Completion] = []
         pieces = self._run(
             prompts,
@@ -203,7 +216,7 @@ class Gemma:
         prompts: list[Prompt],
         completions: list[Completion],
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | None,
         sampling: SamplingConfig,
         stop: Sequence[str],
         ignore_eos: bool,
@@ -217,8 +230,11 @@ class Gemma:
         with self._lock:
             self._epoch += 1
             epoch = self._epoch
+            encoded = [self._encode(p, chat, row, len(prompts)) for row, p in enumerate(prompts)]
+            if max_new_tokens is None:
+                max_new_tokens = default_max_new_tokens(encoded, self.context_limit)
             ids = fit_context(
-                [self._encode(p, chat, row) for row, p in enumerate(prompts)],
+                encoded,
                 max_new_tokens,
                 self.context_limit,
                 truncate=truncate,
@@ -274,12 +290,13 @@ class Gemma:
                 reason = "length"
             completions.append(Completion(tokens, text, reason, len(ids[row]), stats))
 
-    def _encode(self, prompt: Prompt, chat: bool, row: int) -> list[int]:
+    def _encode(self, prompt: Prompt, chat: bool, row: int, rows: int = 1) -> list[int]:
+        name = "the prompt" if rows == 1 else f"prompt {row}"
         if isinstance(prompt, str):
             if not prompt:
                 # The tokenizer would turn "" into BOS alone: say so rather than ramble from it.
                 raise GemmaOnnxError(
-                    f"prompt {row} is empty text; to start from BOS alone, pass its token id"
+                    f"{name} is empty text; to start from BOS alone, pass its token id"
                 )
             tokenizer = self._require_tokenizer("text prompts")
             ids = tokenizer.encode_chat(prompt) if chat else tokenizer.encode(prompt)
@@ -293,16 +310,16 @@ class Gemma:
             return ids
         if chat:
             raise GemmaOnnxError("chat needs a text prompt, not token ids")
-        ids = _as_list(prompt, f"prompt {row}")
+        ids = _as_list(prompt, name)
         vocab = self.spec.vocab_size
         for position, token in enumerate(ids):
             if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
                 raise GemmaOnnxError(
-                    f"prompt {row}: token {token!r} at position {position} is not an integer id"
+                    f"{name}: token {token!r} at position {position} is not an integer id"
                 )
             if not 0 <= token < vocab:
                 raise GemmaOnnxError(
-                    f"prompt {row}: token id {token} at position {position} is outside the "
+                    f"{name}: token id {token} at position {position} is outside the "
                     f"vocabulary [0, {vocab})"
                 )
         return [int(t) for t in ids]
@@ -370,10 +387,13 @@ def _as_list(prompt: object, what: str) -> list:
 
 
 def _stop_strings(stop: object) -> list[str]:
-    """``stop`` as a list of non-empty strings; one string alone is one stop string."""
+    """``stop`` as a list of non-empty strings; one string alone is one stop string, None
+    none."""
+    if stop is None:
+        return []
     if isinstance(stop, str):
         stop = [stop]
-    if stop is None or isinstance(stop, (bytes, dict)) or not hasattr(stop, "__iter__"):
+    if isinstance(stop, (bytes, dict)) or not hasattr(stop, "__iter__"):
         raise GemmaOnnxError(f"stop must be a list of strings, got {stop!r}")
     stop = list(stop)
     for item in stop:

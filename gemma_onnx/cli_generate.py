@@ -26,7 +26,12 @@ from gemma_onnx.errors import GemmaOnnxError
 )
 @click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--threads", type=int, default=None, help="ORT intra-op threads [default: all].")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=int,
+    default=None,
+    help="[default: 256, or what --max-length leaves after the prompt]",
+)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off.")
@@ -49,7 +54,7 @@ def generate(
     model_dir: str | None,
     provider: str,
     threads: int | None,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     temperature: float,
     top_k: int,
     top_p: float,
@@ -65,15 +70,42 @@ def generate(
     prompt: str | None,
 ) -> None:
     """Generate text for PROMPT (read from stdin when omitted or '-'), printed as it is made."""
-    from gemma_onnx.api import Gemma
+    from gemma_onnx.api import Gemma, _stop_strings
+    from gemma_onnx.runtime.generate import check_max_new_tokens
     from gemma_onnx.runtime.sampling import SamplingConfig
+    from gemma_onnx.runtime.session import check_session_options
 
-    # Check the options before loading anything, so a typo fails at once.
+    # Check the options before loading anything (or making the default model), so a typo fails
+    # at once.
     SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    check_session_options(provider, threads)
+    if max_new_tokens is not None:
+        check_max_new_tokens(max_new_tokens)
+    if max_length is not None and max_length < 2:
+        raise GemmaOnnxError(f"max_length (--max-length) must be >= 2, got {max_length}")
+    _stop_strings(stop)
+    if temperature == 0:
+        ignored = [
+            name
+            for name, value, off in (
+                ("--top-k", top_k, 0),
+                ("--top-p", top_p, 1.0),
+                ("--min-p", min_p, 0.0),
+                ("--seed", seed, None),
+            )
+            if value != off
+        ]
+        if ignored:
+            click.echo(
+                f"note: {', '.join(ignored)} only shape sampling; with --temperature 0 the "
+                "output is greedy",
+                err=True,
+            )
     if prompt is None or prompt == "-":
         prompt = _read_stdin()
     if not prompt:
         raise GemmaOnnxError("the prompt is empty; pass PROMPT or pipe it on stdin")
+    _tolerant_stdout()
     start = time.perf_counter()
     gemma = Gemma(
         model_dir or _default_model(), provider=provider, threads=threads, max_length=max_length
@@ -114,6 +146,17 @@ def echo(text: str = "", nl: bool = True) -> None:
         if exc.errno == errno.EPIPE:
             raise
         raise GemmaOnnxError(f"could not write to standard output ({exc.strerror})") from None
+
+
+def _tolerant_stdout() -> None:
+    """A terminal whose encoding cannot show a character (LANG=C, latin-1) gets a replacement
+    mark for it rather than a traceback in the middle of the text."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="replace")
+        except (OSError, ValueError):  # a stream that cannot change: keep it as it is
+            pass
 
 
 def _read_stdin() -> str:

@@ -42,6 +42,28 @@ class GenerationStats:
         return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
+# Tokens a request makes when it does not say: fewer when the context has less room.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def check_max_new_tokens(max_new_tokens: object) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise GemmaOnnxError(
+            f"max_new_tokens (--max-new-tokens) must be an integer, got {max_new_tokens!r}"
+        )
+    if max_new_tokens < 1:
+        raise GemmaOnnxError(
+            f"max_new_tokens (--max-new-tokens) must be >= 1, got {max_new_tokens}"
+        )
+
+
+def default_max_new_tokens(prompts: Sequence[Sequence[int]], limit: int) -> int:
+    """:data:`DEFAULT_MAX_NEW_TOKENS`, or what the context ``limit`` leaves after the longest
+    prompt (at least 1: a prompt that fills the context is then fit_context's to refuse)."""
+    longest = max((len(p) for p in prompts), default=0)
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, limit - longest))
+
+
 def fit_context(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
@@ -54,14 +76,7 @@ def fit_context(
     max_position_embeddings and the allocated max length); with ``truncate``, keep the end of a
     prompt that is too long (and its leading BOS, which Gemma needs), else refuse, suggesting a
     larger --max-length only when the model's own context (``model_limit``) allows one."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-        raise GemmaOnnxError(
-            f"max_new_tokens (--max-new-tokens) must be an integer, got {max_new_tokens!r}"
-        )
-    if max_new_tokens < 1:
-        raise GemmaOnnxError(
-            f"max_new_tokens (--max-new-tokens) must be >= 1, got {max_new_tokens}"
-        )
+    check_max_new_tokens(max_new_tokens)
     if max_new_tokens >= limit:
         raise GemmaOnnxError(
             f"max_new_tokens (--max-new-tokens) {max_new_tokens} leaves no room for the prompt "

@@ -421,8 +421,8 @@ class Session:
         return state.logits[: rows * spec.vocab_size].reshape(rows, spec.vocab_size)
 
 
-def _open_session(path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
-    """Create the session; a wrong provider, thread count or a broken file is the user's to fix."""
+def check_session_options(provider: str, threads: int | None) -> None:
+    """The provider (known, and in this onnxruntime) and the thread count, before any loading."""
     if not isinstance(provider, str) or provider not in PROVIDERS:
         raise GemmaOnnxError(f"provider {provider!r} is not supported; choose cpu or cuda")
     available = ort.get_available_providers()
@@ -442,6 +442,11 @@ def _open_session(path: Path, provider: str, threads: int | None) -> ort.Inferen
         raise GemmaOnnxError(
             f"threads (--threads) must be from 1 to {most} (4 per CPU here), got {threads!r}"
         )
+
+
+def _open_session(path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
+    """Create the session; a wrong provider, thread count or a broken file is the user's to fix."""
+    check_session_options(provider, threads)
     if not path.is_file():
         if (path.parent / "onnx").is_dir():
             raise GemmaOnnxError(

@@ -126,7 +126,10 @@ def _chat_template(model_dir: Path, config: dict) -> str | None:
     as a string or a list of named templates."""
     jinja_path = model_dir / "chat_template.jinja"
     if jinja_path.is_file():
-        return jinja_path.read_text(encoding="utf-8")
+        try:
+            return jinja_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GemmaOnnxError(f"{jinja_path}: cannot read the chat template ({exc})") from None
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

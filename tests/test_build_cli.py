@@ -43,7 +43,9 @@ def assert_clean_failure(result, *fragments: str) -> None:
 
 
 def test_build_writes_a_complete_folder(source, tmp_path):
-    (source / "tokenizer.json").write_text("{}")  # any tokenizer file present is carried over
+    # Any tokenizer file present is carried over (tokenizer.json is parsed first).
+    empty_bpe = {"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}
+    (source / "tokenizer.json").write_text(json.dumps(empty_bpe))
     try:
         result = run_cli("build", "--weights", str(source), "--output", str(tmp_path / "out"))
     finally:

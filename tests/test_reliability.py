@@ -357,6 +357,53 @@ def test_output_through_a_symlink_loop_fails_cleanly(ckpt, tmp_path):
     assert_clean_error(result, "cannot resolve the path")
 
 
+def test_an_output_that_is_a_source_file_is_refused_even_with_overwrite(ckpt, tmp_path):
+    """--overwrite replaces the output: never one of the inputs (the weights file given as
+    --weights, config.json), nor, through a symlink, what one of them links to."""
+    before = {f.name: f.read_bytes() for f in ckpt.iterdir()}
+    (tmp_path / "link").symlink_to(ckpt / "model.safetensors")
+    cases = [
+        (ckpt / "model.safetensors", ckpt / "model.safetensors"),
+        (ckpt, ckpt / "config.json"),
+        (ckpt, tmp_path / "link"),
+    ]
+    for weights, output in cases:
+        result = run("build", "--weights", str(weights), "--output", str(output), "--overwrite")
+        assert_clean_error(result, str(output), "is one of the source's files")
+    assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before
+    (tmp_path / "link").unlink()
+    assert_nothing_written(tmp_path)
+
+
+def test_an_output_that_is_no_folder_or_file_is_refused(ckpt, tmp_path):
+    """A FIFO (or a device) and a dangling symlink at --output: a one-line error before any
+    conversion, with or without --overwrite, and the path left as it was."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for name, message in (("fifo", "is not a folder or a file"), ("dangling", "broken symbolic")):
+        for extra in ((), ("--overwrite",)):
+            output = str(tmp_path / name)
+            result = run("build", "--weights", str(ckpt), "--output", output, *extra)
+            assert_clean_error(result, output, message)
+    assert (tmp_path / "fifo").is_fifo() and (tmp_path / "dangling").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "dangling", "fifo"]
+
+
+def test_a_broken_tokenizer_fails_before_converting(ckpt, tmp_path):
+    """It would be copied into a folder whose text prompts then fail (and an int4 build's
+    quality measurement reads it): refused up front, by name."""
+    write_tokenizer(ckpt)
+    (ckpt / "tokenizer.json").write_text('{"bad": ')
+    for precision in ("fp32", "int4"):
+        result = run(
+            "build", "--weights", str(ckpt), "--output", str(tmp_path / "out"),
+            "--precision", precision,
+        )  # fmt: skip
+        assert_clean_error(result, "tokenizer.json: not a readable tokenizer")
+        assert "converting" not in result.stderr
+    assert_nothing_written(tmp_path)
+
+
 def test_output_at_the_current_folder_or_above_is_refused(ckpt, tmp_path, monkeypatch):
     """``--output . --overwrite`` would swap the folder the user stands in (and fail doing it)."""
     work = tmp_path / "work" / "here"
@@ -520,7 +567,7 @@ def test_disk_full_mid_write_fails_cleanly_and_leaves_nothing(ckpt, tmp_path, mo
 def test_an_unreadable_source_file_is_named_before_the_build(name, ckpt, tmp_path, monkeypatch):
     """Permission denied on a source file says so (safetensors itself calls the file missing),
     and a tokenizer file, copied last, is checked before minutes of conversion."""
-    (ckpt / "tokenizer.json").write_text("{}")
+    write_tokenizer(ckpt)
     real_open = Path.open
 
     def open_(self, *args, **kwargs):
@@ -900,17 +947,18 @@ def test_cuda_where_it_is_not_available(model_dir):
 @pytest.mark.parametrize(
     ("prompt", "message"),
     [
-        ([2, 320], "prompt 0: token id 320 at position 1 is outside the vocabulary [0, 320)"),
-        ([2, -1], "prompt 0: token id -1 at position 1 is outside the vocabulary [0, 320)"),
+        ([2, 320], "the prompt: token id 320 at position 1 is outside the vocabulary [0, 320)"),
+        ([2, -1], "the prompt: token id -1 at position 1 is outside the vocabulary [0, 320)"),
         ([2, 2**40], "token id 1099511627776 at position 1 is outside the vocabulary"),
-        ([2, 1.5], "prompt 0: token 1.5 at position 1 is not an integer id"),
+        ([2, 1.5], "the prompt: token 1.5 at position 1 is not an integer id"),
         ([[2, 7], [2, 999]], "prompt 1: token id 999 at position 1 is outside the vocabulary"),
         ([[2, 7], None], "prompt 1 must be text or a list of token ids, got NoneType"),
         (None, "the prompt must be text or a list of token ids, got NoneType"),
         (b"hi", "the prompt is bytes; decode it to str"),
         ([], "no prompt given"),
         ([[2], []], "prompt 1 is empty"),
-        ("", "prompt 0 is empty text"),
+        ("", "the prompt is empty text"),
+        (["hi", ""], "prompt 1 is empty text"),
         ("caf\udce9", "the prompt is not valid text: '\\udce9' at character 3"),
         ({"input_ids": [2, 7]}, "the prompt must be text or a list of token ids, got dict"),
         ({2, 7}, "the prompt must be text or a list of token ids, got set"),
@@ -933,13 +981,87 @@ def test_bad_prompts_through_the_python_api(model_dir, prompt, message):
         ({"top_p": None}, "top_p (--top-p) must be a number, got None"),
         ({"stop": [5]}, "stop strings must be non-empty text, got 5"),
         ({"stop": [""]}, "stop strings must be non-empty text, got ''"),
-        ({"stop": None}, "stop must be a list of strings, got None"),
+        ({"stop": 5}, "stop must be a list of strings, got 5"),
     ],
 )
 def test_bad_option_types_through_the_python_api(model_dir, options, message):
     with pytest.raises(GemmaOnnxError) as info:
         Gemma(model_dir, threads=1).generate([2, 7], **{"max_new_tokens": 2, **options})
     assert message in str(info.value)
+
+
+def test_default_max_new_tokens_fits_a_small_max_length(model_dir):
+    """max_length caps prompt + new tokens: left at its default, max_new_tokens takes what the
+    cap leaves (finish "length"); a number given is held to, and refused when it cannot fit."""
+    gemma = Gemma(model_dir, threads=1, max_length=12)
+    done = gemma.generate([2, 7, 9], ignore_eos=True)
+    assert len(done.token_ids) == 9 and done.finish_reason == "length"
+    with pytest.raises(GemmaOnnxError, match="leaves no room for the prompt"):
+        gemma.generate([2, 7, 9], max_new_tokens=20)
+    result = generate(model_dir, "--max-length", "12", "--ignore-eos", "--stats", "ab")
+    assert result.exit_code == 0, result.output
+    assert "decode 8 tokens" in result.stderr  # the first of 9 new tokens comes from prefill
+    full = Gemma(model_dir, threads=1).generate([2, 7, 9], ignore_eos=True)
+    assert len(full.token_ids) == 256  # no cap: the default
+
+
+def test_no_stop_strings_as_none_and_stream_checks_at_once(model_dir):
+    """stop=None means no stop strings. stream() refuses what it can check without running
+    (an empty prompt, a bad max_new_tokens or stop) when called, not at the first next()."""
+    gemma = Gemma(model_dir, threads=1)
+    plain = gemma.generate("ab", max_new_tokens=5, ignore_eos=True)
+    same = gemma.generate("ab", max_new_tokens=5, ignore_eos=True, stop=None)
+    assert same.token_ids == plain.token_ids
+    for prompt, options, message in (
+        ("", {}, "the prompt is empty text"),
+        ("ab", {"max_new_tokens": 0}, "must be >= 1"),
+        ("ab", {"stop": [""]}, "stop strings must be non-empty"),
+    ):
+        with pytest.raises(GemmaOnnxError, match=message):
+            gemma.stream(prompt, **options)
+
+
+def test_generate_checks_its_options_before_making_the_default_model(tmp_path, monkeypatch):
+    """A typo must not cost the first use's download-free but minute-long setup."""
+    monkeypatch.setenv("GEMMA_ONNX_HOME", str(tmp_path / "home"))
+    for args, message in (
+        (("--provider", "tpu"), "provider 'tpu' is not supported"),
+        (("--threads", "0"), "threads (--threads) must be from 1"),
+        (("--max-new-tokens", "0"), "max_new_tokens (--max-new-tokens) must be >= 1"),
+        (("--max-length", "1"), "max_length (--max-length) must be >= 2"),
+        (("--stop", ""), "stop strings must be non-empty"),
+    ):
+        result = run("generate", *args, "hello")
+        assert_clean_error(result, message)
+    assert not (tmp_path / "home").exists()
+
+
+def test_greedy_notes_the_sampling_options_it_ignores(model_dir):
+    result = generate(model_dir, "--top-p", "0.9", "--seed", "3", "--max-new-tokens", "2", "ab")
+    assert result.exit_code == 0, result.output
+    assert "note: --top-p, --seed only shape sampling" in result.stderr
+    result = generate(model_dir, "--max-new-tokens", "2", "ab")
+    assert "note:" not in result.stderr
+
+
+def test_a_terminal_that_cannot_show_a_character_gets_a_mark(monkeypatch):
+    """LANG=C or latin-1 terminals: unencodable output is replaced, not a traceback."""
+    import io
+
+    from gemma_onnx import cli_generate
+
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="latin-1"))
+    cli_generate._tolerant_stdout()
+    sys.stdout.write("caf\u00e9 \u65e5\u672c")
+    sys.stdout.flush()
+    assert raw.getvalue() == "café ??".encode("latin-1")
+
+
+def test_a_chat_template_that_is_not_utf8_is_named(model_copy):
+    (model_copy / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    result = generate(model_copy, "--max-new-tokens", "2", "ab")
+    assert_clean_error(result, "chat_template.jinja: cannot read the chat template")
 
 
 @pytest.mark.parametrize(

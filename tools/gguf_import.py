@@ -24,6 +24,7 @@ What llama.cpp's converter changed, and how we undo it (transformers' own GGUF l
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -479,6 +480,7 @@ def _dequantize(planned: _Planned) -> np.ndarray:
 
 def _write_weights(planned: list[_Planned], folder: Path, progress: bool) -> None:
     """Dequantize tensor by tensor into float32 safetensors, one shard in memory at a time."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
@@ -509,7 +511,15 @@ def _write_weights(planned: list[_Planned], folder: Path, progress: bool) -> Non
                 weight_map[p.hf_name] = file
                 bar.update()
             # "format": "pt" is the marker transformers' loader expects in the header
-            save_file(tensors, str(folder / file), metadata={"format": "pt"})
+            try:
+                save_file(tensors, str(folder / file), metadata={"format": "pt"})
+            except SafetensorError as exc:  # its I/O errors (a full disk) come as this
+                full = "No space left" in str(exc)
+                raise OSError(
+                    errno.ENOSPC if full else errno.EIO,
+                    "the disk is full" if full else str(exc),
+                    str(folder / file),
+                ) from exc
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
         _write_json(folder / "model.safetensors.index.json", index)
