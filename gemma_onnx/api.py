@@ -154,8 +154,8 @@ class Gemma:
         repeat; ``stop`` strings end a row (the text stops before them); ``chat`` wraps text
         prompts in the folder's chat template; ``truncate`` keeps the end of a prompt too long
         for the context instead of refusing it. ``max_new_tokens`` defaults to 256, or to what
-        the context limit (``max_length``) leaves after the longest prompt, if less; a number
-        given is held to.
+        the context limit (``max_length``) leaves after the longest prompt, if less (with
+        ``truncate``, at least half the context); a number given is held to.
         """
         single, prompts = _as_batch(prompt)
         completions: list[Completion] = []
@@ -232,7 +232,11 @@ class Gemma:
             epoch = self._epoch
             encoded = [self._encode(p, chat, row, len(prompts)) for row, p in enumerate(prompts)]
             if max_new_tokens is None:
-                max_new_tokens = default_max_new_tokens(encoded, self.context_limit)
+                max_new_tokens = default_max_new_tokens(encoded, self.context_limit, truncate)
+            frames = None
+            if chat and truncate:  # cut the prompt's own text, not the turn markers
+                pairs = zip(prompts, encoded, strict=True)
+                frames = [self.tokenizer.chat_frame(p, i) for p, i in pairs]
             ids = fit_context(
                 encoded,
                 max_new_tokens,
@@ -240,6 +244,7 @@ class Gemma:
                 truncate=truncate,
                 bos_token_id=self.spec.bos_token_id,
                 model_limit=self.spec.max_position_embeddings,
+                frames=frames,
             )
             state = self._state_for(len(ids), max(map(len, ids)) + max_new_tokens)
         decoders = [StreamDecoder(self.tokenizer, stop) for _ in ids] if self.tokenizer else None

@@ -30,7 +30,8 @@ from gemma_onnx.errors import GemmaOnnxError
     "--max-new-tokens",
     type=int,
     default=None,
-    help="[default: 256, or what --max-length leaves after the prompt]",
+    help="[default: 256, or what --max-length leaves after the prompt; with --truncate, at "
+    "least half of --max-length]",
 )
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")

@@ -57,11 +57,17 @@ def check_max_new_tokens(max_new_tokens: object) -> None:
         )
 
 
-def default_max_new_tokens(prompts: Sequence[Sequence[int]], limit: int) -> int:
+def default_max_new_tokens(
+    prompts: Sequence[Sequence[int]], limit: int, truncate: bool = False
+) -> int:
     """:data:`DEFAULT_MAX_NEW_TOKENS`, or what the context ``limit`` leaves after the longest
-    prompt (at least 1: a prompt that fills the context is then fit_context's to refuse)."""
+    prompt (at least 1: a prompt that fills the context is then fit_context's to refuse). With
+    ``truncate``, at least half the context: the prompt is cut to make room for an answer."""
     longest = max((len(p) for p in prompts), default=0)
-    return max(1, min(DEFAULT_MAX_NEW_TOKENS, limit - longest))
+    room = limit - longest
+    if truncate:
+        room = max(room, limit // 2)
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, room))
 
 
 def fit_context(
@@ -71,11 +77,14 @@ def fit_context(
     truncate: bool = False,
     bos_token_id: int | None = None,
     model_limit: int | None = None,
+    frames: Sequence[tuple[int, int]] | None = None,
 ) -> list[list[int]]:
     """Check prompt + max_new_tokens against the context ``limit`` (the smaller of
     max_position_embeddings and the allocated max length); with ``truncate``, keep the end of a
     prompt that is too long (and its leading BOS, which Gemma needs), else refuse, suggesting a
-    larger --max-length only when the model's own context (``model_limit``) allows one."""
+    larger --max-length only when the model's own context (``model_limit``) allows one.
+    ``frames``: per prompt, (head, tail) tokens a chat template put around the prompt's own,
+    which truncation keeps (by default only a leading BOS)."""
     check_max_new_tokens(max_new_tokens)
     if max_new_tokens >= limit:
         raise GemmaOnnxError(
@@ -98,8 +107,21 @@ def fit_context(
                     f"{name} has {len(prompt)} tokens; with max_new_tokens {max_new_tokens} that "
                     f"exceeds the context limit of {limit} tokens: {fixes} or pass --truncate"
                 )
-            keep_bos = bos_token_id is not None and prompt[0] == bos_token_id and room > 1
-            prompt = prompt[:1] + prompt[len(prompt) - room + 1 :] if keep_bos else prompt[-room:]
+            if frames is not None:
+                head, tail = frames[row]
+            else:
+                head, tail = int(bos_token_id is not None and prompt[0] == bos_token_id), 0
+            if head + tail >= room:
+                if frames is not None and head + tail > 1:
+                    raise GemmaOnnxError(
+                        f"{name}: the chat template alone takes {head + tail} of the "
+                        f"{room} tokens the context leaves for the prompt; lower "
+                        "--max-new-tokens or raise --max-length"
+                    )
+                head, tail = 0, 0
+            body = room - head - tail
+            end = len(prompt) - tail
+            prompt = prompt[:head] + prompt[end - body : end] + prompt[end:]
         fitted.append(prompt)
     return fitted
 

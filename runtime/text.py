@@ -86,6 +86,27 @@ class TextTokenizer:
         """
         return self.encode(self.render_chat(prompt), add_special_tokens=False)
 
+    def chat_frame(self, prompt: str, ids: Sequence[int]) -> tuple[int, int]:
+        """(head, tail): how many of ``ids`` (``encode_chat(prompt)``) the template puts before
+        and after the prompt's own tokens, so that truncation can cut the prompt and keep the
+        turn markers. (1, 0), only the BOS, when the template's parts do not tokenize apart."""
+        fallback = (1, 0) if ids[:1] == [self.bos_token_id] else (0, 0)
+        marker = "\ue000gemma-onnx\ue000"  # private-use characters: in no real prompt
+        frame = self.render_chat(marker)
+        if frame.count(marker) != 1:
+            return fallback
+        before, after = frame.split(marker)
+        rendered = self.render_chat(prompt)
+        if not (rendered.startswith(before) and rendered.endswith(after)):
+            return fallback
+        head = self.encode(before, add_special_tokens=False) if before else []
+        tail = self.encode(after, add_special_tokens=False) if after else []
+        if len(head) + len(tail) > len(ids) or list(ids[: len(head)]) != head:
+            return fallback
+        if tail and list(ids[len(ids) - len(tail) :]) != tail:
+            return fallback
+        return len(head), len(tail)
+
     def render_chat(self, prompt: str) -> str:
         if self.chat_template is not None:
             try:

@@ -1003,6 +1003,9 @@ def test_default_max_new_tokens_fits_a_small_max_length(model_dir):
     assert "decode 8 tokens" in result.stderr  # the first of 9 new tokens comes from prefill
     full = Gemma(model_dir, threads=1).generate([2, 7, 9], ignore_eos=True)
     assert len(full.token_ids) == 256  # no cap: the default
+    # A prompt past the cap, with --truncate: cut to leave half the context for the answer.
+    cut = gemma.generate([2, *range(7, 27)], ignore_eos=True, truncate=True)
+    assert (cut.prompt_tokens, len(cut.token_ids)) == (6, 6)
 
 
 def test_no_stop_strings_as_none_and_stream_checks_at_once(model_dir):

@@ -356,6 +356,25 @@ def test_context_guard_refuses_or_truncates(gemma, tiny):
     assert small._state.max_length == 20  # allocated for the requested max length, once
 
 
+def test_chat_truncation_cuts_the_text_and_keeps_the_turn_markers(tiny):
+    """--chat --truncate: a chat prompt too long for the context loses the start of the user's
+    text, not its BOS and <start_of_turn>user header (nor the closing markers)."""
+    small = Gemma(tiny[0], max_length=24)
+    text = "abc def ghi " * 12
+    full = small.tokenizer.encode_chat(text)
+    head = small.tokenizer.encode("<bos><start_of_turn>user\n", add_special_tokens=False)
+    tail = small.tokenizer.encode("<end_of_turn>\n<start_of_turn>model\n", add_special_tokens=False)
+    assert full[: len(head)] == head and full[-len(tail) :] == tail and len(full) > 30
+    got = small.generate(text, chat=True, truncate=True, max_new_tokens=4, ignore_eos=True)
+    assert got.prompt_tokens == 20
+    body = 20 - len(head) - len(tail)
+    kept = head + full[len(full) - len(tail) - body : len(full) - len(tail)] + tail
+    assert small.generate(kept, max_new_tokens=4, ignore_eos=True).token_ids == got.token_ids
+    tiny_room = Gemma(tiny[0], max_length=10)
+    with pytest.raises(GemmaOnnxError, match="the chat template alone takes"):
+        tiny_room.generate(text, chat=True, truncate=True, max_new_tokens=4)
+
+
 def test_token_ids_outside_the_vocabulary_are_refused(gemma):
     with pytest.raises(GemmaOnnxError, match=r"token id 320 at position 1 .*\[0, 320\)"):
         gemma.generate([2, 320])
