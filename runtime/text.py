@@ -19,7 +19,7 @@ GEMMA_CHAT = "{bos}<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>mo
 _REPLACEMENT = "\ufffd"  # what a decoder prints for bytes that are not (yet) a whole character
 
 
-def _return_freed_heap() -> None:
+def return_freed_heap() -> None:
     """Hand freed heap pages back to the OS. Parsing Gemma's tokenizer.json (262k pieces,
     515k merges) frees ~200 MB that glibc would otherwise keep mapped for the whole run."""
     try:
@@ -37,7 +37,7 @@ class TextTokenizer:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
             raise GemmaOnnxError(f"{path}: cannot load the tokenizer ({exc})") from None
-        _return_freed_heap()
+        return_freed_heap()
         config_path = model_dir / "tokenizer_config.json"
         try:
             self.config = json.loads(config_path.read_text(encoding="utf-8"))
