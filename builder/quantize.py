@@ -174,7 +174,7 @@ class QuantConfig:
             "rescore_top": self.rescore_count(target),
             "layer_bits": self.layer_width(target),
             "block_size": self.block_size,
-            "accuracy_level": self.accuracy_level,
+            "accuracy_level": self.accuracy_level if ort else None,  # the runtime's choice
         }
 
 

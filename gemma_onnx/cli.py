@@ -149,9 +149,16 @@ def build(
             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
         ]
         if given:
+            verb = "applies" if len(given) == 1 else "apply"
             raise GemmaOnnxError(
-                f"{', '.join(given)} only apply to --precision int8 or int4 (not {precision})"
+                f"{', '.join(given)} only {verb} to --precision int8 or int4 (not {precision})"
             )
+    given = ctx.get_parameter_source("accuracy_level") == click.core.ParameterSource.COMMANDLINE
+    if precision in BITS and target == "portable" and given:
+        raise GemmaOnnxError(
+            "--accuracy-level applies to --target ort (MatMulNBits); a portable graph's "
+            "runtime chooses (ONNX Runtime: session.qdq_matmulnbits_accuracy_level)"
+        )
     if precision in BITS:
         quant = QuantConfig(
             bits=BITS[precision],

@@ -76,6 +76,14 @@ class TextTokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
+    def special_token_ids(self, texts: Sequence[str]) -> set[int]:
+        """Ids of the special tokens spelled by ``texts`` (e.g. "<end_of_turn>"): decoding skips
+        them, so a stop string naming one is matched by id."""
+        if not hasattr(self, "_specials"):
+            added = self.tokenizer.get_added_tokens_decoder()
+            self._specials = {t.content: i for i, t in added.items() if t.special}
+        return {self._specials[t] for t in texts if t in self._specials}
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
@@ -175,6 +183,7 @@ class StreamDecoder:
     def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self._stop_ids = tokenizer.special_token_ids(self.stop)  # never in the decoded text
         self.ids: list[int] = []
         self.text = ""  # everything emitted so far
         self.stopped = False  # a stop string ended the text
@@ -186,6 +195,11 @@ class StreamDecoder:
     def push(self, token: int) -> bool:
         """Add one token; return True once a stop string has ended the text."""
         if self.stopped:
+            return True
+        if token in self._stop_ids:  # the text so far is final, and ends here
+            self.finish()
+            self.ids.append(token)
+            self.stopped = True
             return True
         self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self._prefix : self._read])

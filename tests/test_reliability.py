@@ -427,9 +427,31 @@ def test_output_at_the_current_folder_or_above_is_refused(ckpt, tmp_path, monkey
 )
 def test_quantization_options_without_quantization_are_refused(ckpt, tmp_path, options):
     result = run("build", "--weights", str(ckpt), "--output", str(tmp_path / "out"), *options)
-    names = " and ".join(o for o in options if o.startswith("--"))
-    assert_clean_error(result, "only apply to --precision int8 or int4 (not fp32)")
-    assert all(name in result.stderr for name in names.split(" and "))
+    names = [o for o in options if o.startswith("--")]
+    verb = "applies" if len(names) == 1 else "apply"
+    assert_clean_error(result, f"only {verb} to --precision int8 or int4 (not fp32)")
+    assert all(name in result.stderr for name in names)
+    assert_nothing_written(tmp_path)
+
+
+def test_quality_asked_for_without_a_tokenizer_is_refused(ckpt, tmp_path):
+    """By default a source without tokenizer.json builds unmeasured, with a note; an explicit
+    --quality cannot be honoured, and says so before converting."""
+    args = ["build", "--weights", str(ckpt), "--precision", "int4"]
+    result = run(*args, "--output", str(tmp_path / "out"), "--quality")
+    assert_clean_error(result, "--quality reads the held-out text", "tokenizer.json")
+    assert_nothing_written(tmp_path)
+    result = run(*args, "--output", str(tmp_path / "out"))
+    assert result.exit_code == 0 and "quality: not measured" in result.stderr
+
+
+def test_accuracy_level_on_the_portable_target_is_refused(ckpt, tmp_path):
+    """Its DequantizeLinear graph has no accuracy level: the runtime that fuses it chooses."""
+    result = run(
+        "build", "--weights", str(ckpt), "--output", str(tmp_path / "out"),
+        "--precision", "int4", "--accuracy-level", "0",
+    )  # fmt: skip
+    assert_clean_error(result, "--accuracy-level applies to --target ort")
     assert_nothing_written(tmp_path)
 
 

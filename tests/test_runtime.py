@@ -250,6 +250,22 @@ def test_stream_decoder_stops_before_a_stop_string(tiny):
     assert decoder.stopped and "".join(pieces) == decoder.text == "hi 😀 "
 
 
+def test_a_stop_string_naming_a_special_token_stops_on_it(tiny):
+    """Decoding skips special tokens, so "<end_of_turn>" never shows in the text; as a stop
+    string it stops on the token itself (as HF's stop_strings do), ending the text before it,
+    with what was held back as a possible stop-string start ("<" of "<end") released."""
+    tokenizer = TextTokenizer.from_folder(tiny[0])
+    said = tokenizer.encode("ok <", add_special_tokens=False)
+    then = tokenizer.encode("user", add_special_tokens=False)
+    decoder = StreamDecoder(tokenizer, stop=["<end_of_turn>", "<end"])
+    pieces, stops = [], []
+    for token in [*said, SPECIALS.index("<end_of_turn>"), *then]:
+        stops.append(decoder.push(token))
+        pieces.append(decoder.take())
+    assert stops.index(True) == len(said)
+    assert decoder.stopped and "".join(pieces) == decoder.text == "ok <"
+
+
 def test_streamed_text_equals_final_text(gemma):
     # The tiny model mostly emits byte tokens: split multi-byte sequences, many of them invalid.
     stream = gemma.stream(PROMPT, max_new_tokens=40, temperature=1.0, seed=0, ignore_eos=True)
