@@ -244,7 +244,10 @@ def _write_aliases(path: Path, aliases: dict[str, ir.Value]) -> None:
 
 
 def _staging_prefix(output: Path) -> str:
-    return f".{output.name}.tmp-"
+    # The name is cut so that prefix + mkdtemp's 8 characters stay within NAME_MAX (255) for
+    # any output name that fits; a dead build's folder of a longer name sharing the first 200
+    # characters is then cleaned up with ours, which is harmless.
+    return f".{output.name[:200]}.tmp-"
 
 
 def _try_lock(folder: Path) -> int | None:

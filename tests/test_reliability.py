@@ -375,6 +375,16 @@ def test_an_output_that_is_a_source_file_is_refused_even_with_overwrite(ckpt, tm
     assert_nothing_written(tmp_path)
 
 
+def test_an_output_name_near_the_filesystem_limit_builds(ckpt, tmp_path):
+    """The staging folder beside the output is named after it: a 250-character output name
+    (NAME_MAX is 255) must not make that name too long."""
+    output = tmp_path / ("m" * 250)
+    result = run("build", "--weights", str(ckpt), "--output", str(output))
+    assert result.exit_code == 0, result.output
+    assert (output / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", output.name]
+
+
 def test_an_output_that_is_no_folder_or_file_is_refused(ckpt, tmp_path):
     """A FIFO (or a device) and a dangling symlink at --output: a one-line error before any
     conversion, with or without --overwrite, and the path left as it was."""
