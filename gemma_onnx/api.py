@@ -29,7 +29,7 @@ from gemma_onnx.runtime.generate import (
 )
 from gemma_onnx.runtime.generate import generate as generate_ids
 from gemma_onnx.runtime.sampling import Sampler, SamplingConfig
-from gemma_onnx.runtime.session import RunState, Session
+from gemma_onnx.runtime.session import RunState, Session, check_session_options
 from gemma_onnx.runtime.text import StreamDecoder, TextTokenizer
 
 Prompt = str | Sequence[int]  # text, or token ids used as they are (no BOS added)
@@ -95,14 +95,7 @@ class Gemma:
     ) -> None:
         if not isinstance(model_dir, (str, os.PathLike)):
             raise GemmaOnnxError(f"model_dir must be a folder path, got {model_dir!r}")
-        if max_length is not None and (
-            isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
-        ):
-            raise GemmaOnnxError(
-                f"max_length (--max-length) must be an integer, got {max_length!r}"
-            )
-        if max_length is not None and max_length < 2:
-            raise GemmaOnnxError(f"max_length (--max-length) must be >= 2, got {max_length}")
+        _check_max_length(max_length)
         if not isinstance(tokenizer, bool):
             raise GemmaOnnxError(f"tokenizer must be True or False, got {tokenizer!r}")
         # The tokenizer first: parsing a 262k-vocab tokenizer.json peaks ~300 MB above what the
@@ -389,6 +382,31 @@ def _as_list(prompt: object, what: str) -> list:
         raise GemmaOnnxError(
             f"{what} must be text or a list of token ids, got {type(prompt).__name__}"
         ) from None
+
+
+def check_options(
+    provider: str = "cpu",
+    threads: int | None = None,
+    max_length: int | None = None,
+    max_new_tokens: int | None = None,
+    stop: Sequence[str] | None = (),
+) -> None:
+    """What Gemma(...) and generate() would refuse among these, checked before anything
+    loads (the CLI calls it before it makes the default model)."""
+    check_session_options(provider, threads)
+    _check_max_length(max_length)
+    if max_new_tokens is not None:
+        check_max_new_tokens(max_new_tokens)
+    _stop_strings(stop)
+
+
+def _check_max_length(max_length: object) -> None:
+    if max_length is None:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
+        raise GemmaOnnxError(f"max_length (--max-length) must be an integer, got {max_length!r}")
+    if max_length < 2:
+        raise GemmaOnnxError(f"max_length (--max-length) must be >= 2, got {max_length}")
 
 
 def _stop_strings(stop: object) -> list[str]:

@@ -71,20 +71,13 @@ def generate(
     prompt: str | None,
 ) -> None:
     """Generate text for PROMPT (read from stdin when omitted or '-'), printed as it is made."""
-    from gemma_onnx.api import Gemma, _stop_strings
-    from gemma_onnx.runtime.generate import check_max_new_tokens
+    from gemma_onnx.api import Gemma, check_options
     from gemma_onnx.runtime.sampling import SamplingConfig
-    from gemma_onnx.runtime.session import check_session_options
 
     # Check the options before loading anything (or making the default model), so a typo fails
     # at once.
     SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    check_session_options(provider, threads)
-    if max_new_tokens is not None:
-        check_max_new_tokens(max_new_tokens)
-    if max_length is not None and max_length < 2:
-        raise GemmaOnnxError(f"max_length (--max-length) must be >= 2, got {max_length}")
-    _stop_strings(stop)
+    check_options(provider, threads, max_length, max_new_tokens, stop)
     if temperature == 0:
         ignored = [
             name

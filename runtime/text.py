@@ -51,6 +51,7 @@ class TextTokenizer:
         self.eos_token = _token_text(self.config.get("eos_token")) or "<eos>"
         self.bos_token_id = self.tokenizer.token_to_id(self.bos_token)
         self.chat_template = _chat_template(model_dir, self.config)
+        self._specials: dict[str, int] | None = None  # special_token_ids' map, made on first use
 
     @classmethod
     def from_folder(cls, model_dir: str | Path) -> TextTokenizer | None:
@@ -79,7 +80,7 @@ class TextTokenizer:
     def special_token_ids(self, texts: Sequence[str]) -> set[int]:
         """Ids of the special tokens spelled by ``texts`` (e.g. "<end_of_turn>"): decoding skips
         them, so a stop string naming one is matched by id."""
-        if not hasattr(self, "_specials"):
+        if self._specials is None:
             added = self.tokenizer.get_added_tokens_decoder()
             self._specials = {t.content: i for i, t in added.items() if t.special}
         return {self._specials[t] for t in texts if t in self._specials}

@@ -34,7 +34,7 @@ from safetensors.numpy import save_file
 from test_runtime import write_tokenizer
 
 from conftest import FULL, SLIDING
-from gemma_onnx.api import Gemma
+from gemma_onnx.api import Gemma, check_options
 from gemma_onnx.builder import build_model
 from gemma_onnx.builder.config import Gemma3Config
 from gemma_onnx.builder.quantize import QuantConfig
@@ -1069,6 +1069,15 @@ def test_generate_checks_its_options_before_making_the_default_model(tmp_path, m
         result = run("generate", *args, "hello")
         assert_clean_error(result, message)
     assert not (tmp_path / "home").exists()
+    check_options(provider="cpu", threads=1, max_length=64, max_new_tokens=8, stop=None)
+    for options, message in (
+        ({"max_length": 1}, "must be >= 2"),
+        ({"max_length": "64"}, "must be an integer"),
+        ({"provider": "tpu"}, "not supported"),
+        ({"stop": 5}, "stop must be a list"),
+    ):
+        with pytest.raises(GemmaOnnxError, match=message):
+            check_options(**options)
 
 
 def test_greedy_notes_the_sampling_options_it_ignores(model_dir):
