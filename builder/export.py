@@ -116,6 +116,8 @@ def _check_output(output: Path, source: Path, overwrite: bool) -> None:
         resolved, src = output.resolve(), source.resolve()
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop, before Python 3.13
         raise GemmaOnnxError(f"{output}: cannot resolve the path ({exc})") from None
+    if resolved == src and src.is_file():  # a GGUF file, the source itself
+        raise GemmaOnnxError(f"{output}: is the source weights file; name a new folder")
     if resolved == src or resolved in src.parents:
         raise GemmaOnnxError(f"{output}: the output folder would contain the source weights")
     if _is_source_file(resolved, src):
@@ -355,6 +357,49 @@ def _move_into_place(staging: Path, output: Path, overwrite: bool) -> None:
             ) from None
 
 
+def is_gguf(path: Path) -> bool:
+    """A file named ``*.gguf``, or any file that starts with GGUF's magic."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with path.open("rb") as file:
+            return file.read(4) == b"GGUF"
+    except OSError:
+        return False  # find_safetensors names the unreadable file
+
+
+def _build_from_gguf(gguf: Path, output: Path, **options) -> Path:
+    """Import the GGUF into a float32 Hugging Face folder beside the output (4 bytes a
+    parameter: 1.1 GB for Gemma 3 270M), build from that, and remove it however the build ends.
+
+    The folder lives in a locked staging folder of the output's, so a build killed before it
+    could clean up has it removed by the next build to that output, as its own staging is."""
+    from gemma_onnx.tools.gguf_import import import_gguf
+
+    _check_output(output, gguf, options["overwrite"])  # the GGUF is the source to protect
+    holder, lock = None, None
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(output)
+        holder = Path(tempfile.mkdtemp(prefix=_staging_prefix(output), dir=output.parent))
+        lock = _try_lock(holder)
+        if options["progress"]:
+            print(f"importing {gguf.name} (dequantized to float32)", file=sys.stderr, flush=True)
+        imported = import_gguf(gguf, holder / "hf", progress=options["progress"])
+        return build_model(imported, output, **options)
+    except OSError as exc:  # making the holder; import_gguf reports its own writes
+        raise GemmaOnnxError(
+            f"{output}: could not write beside it ({exc.strerror or exc})"
+        ) from exc
+    finally:
+        if holder is not None:
+            shutil.rmtree(holder, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
+
+
 def build_model(
     weights: str | os.PathLike,
     output: str | os.PathLike,
@@ -370,7 +415,8 @@ def build_model(
     """Builds a model folder (model.onnx + model.onnx_data, config, generation config, tokenizer).
 
     ``weights`` is a Hugging Face model folder or a ``.safetensors`` file with ``config.json``
-    beside it (shards through ``model.safetensors.index.json``). Returns the output folder.
+    beside it (shards through ``model.safetensors.index.json``), or a Gemma 3 GGUF file (needs
+    the ``gguf`` package; it is dequantized to float32 first). Returns the output folder.
 
     int8/int4 builds measure their agreement with fp32 into ``quality.json`` (report.py), which
     needs the source's tokenizer and an fp32 reference built beside the model. ``quality``:
@@ -400,6 +446,11 @@ def build_model(
     if layout == "transformers.js" and (target != "portable" or precision not in ("fp32", "fp16")):
         raise GemmaOnnxError("--layout transformers.js needs --target portable and fp32 or fp16")
     weights, output = Path(weights), Path(output)
+    if is_gguf(weights):
+        return _build_from_gguf(
+            weights, output, precision=precision, target=target, overwrite=overwrite,
+            progress=progress, quant=quant, layout=layout, quality=quality,
+        )  # fmt: skip
     _, source = find_safetensors(weights)
     _check_output(output, source, overwrite)
     config_path = source / "config.json"

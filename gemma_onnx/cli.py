@@ -51,7 +51,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     "--weights",
     required=True,
     type=click.Path(path_type=str),
-    help="A Hugging Face model folder, or a .safetensors file with config.json beside it.",
+    help="A Hugging Face model folder, a .safetensors file with config.json beside it, or a "
+    "Gemma 3 GGUF file (dequantized to float32 first; needs gemma-onnx[gguf]).",
 )
 @click.option(
     "--output", required=True, type=click.Path(path_type=str), help="Model folder to write."
@@ -137,7 +138,7 @@ def build(
     layout: str,
     overwrite: bool,
 ) -> None:
-    """Build an ONNX model folder from Gemma 3 safetensors weights."""
+    """Build an ONNX model folder from Gemma 3 safetensors (or GGUF) weights."""
     from gemma_onnx.builder import build_model
     from gemma_onnx.builder.quantize import BITS, QuantConfig
 

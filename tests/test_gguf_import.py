@@ -23,10 +23,13 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from conftest import DECODER_FIELDS, max_diff_report
+from conftest import DECODER_FIELDS, assert_close, contract_feed, max_diff_report, ort_session
+from gemma_onnx.builder import export
+from gemma_onnx.cli import main
 from gemma_onnx.errors import GemmaOnnxError
 from gemma_onnx.tools import default_model, gguf_import
 from gemma_onnx.tools.gguf_import import import_gguf
@@ -233,9 +236,10 @@ def _write_tiny_gguf(
     rope_scaling: float | None = None,
     floats: dict[str, float] | None = None,
     big_endian: bool = False,
+    uint16s: dict[str, int] | None = None,
 ) -> Path:
     """A two-layer Gemma 3 GGUF; ``tensors`` overrides/extends ``{gguf_name: array}``; a value
-    ``(raw bytes, ggml type)`` is written pre-quantized; ``floats`` adds float32 keys."""
+    ``(raw bytes, ggml type)`` is written pre-quantized; ``floats`` and ``uint16s`` add keys."""
     import gguf
 
     c = TINY
@@ -266,6 +270,8 @@ def _write_tiny_gguf(
     writer = gguf.GGUFWriter(str(path), architecture, endianess=endianess)
     for key, value in (floats or {}).items():
         writer.add_float32(key, value)
+    for key, value in (uint16s or {}).items():
+        writer.add_uint16(key, value)
     writer.add_context_length(128)
     writer.add_embedding_length(c["hidden"])
     writer.add_block_count(c["layers"])
@@ -418,6 +424,67 @@ def test_tensor_problems_are_reported_together(tmp_path):
     assert "'blk.1.ffn_gate.weight' has unsupported type I8" in message
     assert "\n" not in message
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [path]
+
+
+def test_split_gguf_is_refused_by_name(tmp_path):
+    """llama.cpp's gguf-split parts each hold a share of the tensors: say so, not 'missing'."""
+    path = _write_tiny_gguf(tmp_path / "m-00001-of-00003.gguf", uint16s={"split.count": 3})
+    with pytest.raises(GemmaOnnxError, match=r"part 1 of a GGUF split into 3 files; merge them"):
+        import_gguf(path, tmp_path / "out")
+
+
+def test_build_takes_a_gguf_file(tmp_path):
+    """`gemma-onnx build --weights x.gguf` gives the logits of transformers' own GGUF loader,
+    ships the imported tokenizer, and leaves no float32 import behind."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = _write_tiny_gguf((tmp_path / "src").mkdir() or tmp_path / "src" / "tiny.gguf")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", "--weights", str(path), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    assert sorted(p.name for p in (tmp_path / "src").iterdir()) == ["tiny.gguf"]
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size() == len(TINY_PIECES)
+
+    # transformers' GGUF loader keeps query_pre_attn_scalar at its default, 256, the head_dim
+    # of every real Gemma 3; llama.cpp scales by head_dim ** -0.5 (see gguf_import), as we do.
+    oracle = AutoModelForCausalLM.from_pretrained(
+        str(path.parent),
+        gguf_file=path.name,
+        dtype=torch.float32,
+        attn_implementation="eager",
+        query_pre_attn_scalar=TINY["head_dim"],
+    )
+    ids = np.random.default_rng(3).integers(0, len(TINY_PIECES), (2, 11))  # past the window (4)
+    with torch.no_grad():
+        expected = oracle(torch.from_numpy(ids)).logits.numpy()
+    session = ort_session(out)
+    logits = session.run(["logits"], contract_feed(session, ids))[0]
+    assert_close(logits, expected, "tiny_fp32_logits")
+
+
+def test_build_from_gguf_protects_the_file_and_cleans_up(tmp_path, monkeypatch):
+    """The GGUF is the source --overwrite must not replace; a failed build removes its import.
+    The file is found by its magic whatever its name."""
+    path = _write_tiny_gguf(tmp_path / "weights")  # no .gguf suffix
+    before = path.read_bytes()
+    for output in (path, tmp_path):
+        result = CliRunner().invoke(
+            main, ["build", "--weights", str(path), "--output", str(output), "--overwrite"]
+        )
+        assert result.exit_code == 1
+        assert "source weights" in result.output and "Traceback" not in result.output
+
+    def fail(*args, **kwargs):
+        raise GemmaOnnxError("the graph could not be built")
+
+    monkeypatch.setattr(export, "build_graph", fail)
+    result = CliRunner().invoke(
+        main, ["build", "--weights", str(path), "--output", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 1 and "could not be built" in result.output
+    assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == before
 
 
 # --- (d) the default-model cache --------------------------------------------------------------

