@@ -224,6 +224,11 @@ class Session:
     def __init__(self, model_dir: str | Path, provider: str = "cpu", threads: int | None = None):
         self.model_dir = Path(model_dir)
         if self.model_dir.is_file():
+            if _starts_with(self.model_dir, b"GGUF"):
+                raise GemmaOnnxError(
+                    f"{self.model_dir} is a GGUF file; build a model folder from it first "
+                    f"(gemma-onnx build --weights {self.model_dir} --output DIR --target ort)"
+                )
             raise GemmaOnnxError(f"{self.model_dir} is a file; pass the model folder that holds it")
         if not self.model_dir.is_dir():
             raise GemmaOnnxError(f"model folder {self.model_dir} does not exist")
@@ -514,6 +519,14 @@ def _recommended_session_config(path: Path) -> dict[str, str]:
     except ValueError:
         return {}
     return {str(k): str(v) for k, v in entries.items()} if isinstance(entries, dict) else {}
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def _first_line(exc: Exception) -> str:

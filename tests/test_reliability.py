@@ -922,6 +922,14 @@ def test_model_path_that_is_a_file_is_named_as_such(model_dir):
     assert_clean_error(result, "model.onnx is a file; pass the model folder that holds it")
 
 
+def test_model_path_that_is_a_gguf_says_to_build_it(tmp_path):
+    gguf = tmp_path / "gemma-3-270m.Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    result = generate(gguf, "hello")
+    assert_clean_error(result, "is a GGUF file; build a model folder from it first")
+    assert f"gemma-onnx build --weights {gguf} --output DIR" in result.output
+
+
 def test_prompt_longer_than_the_context_is_refused_with_the_limit(model_dir):
     prompt = "the quick brown fox " * 8  # 161 tokens
     args = ("--max-new-tokens", "8", "--max-length", "64")
