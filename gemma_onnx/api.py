@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,9 @@ from gemma_onnx.runtime.sampling import Sampler, SamplingConfig
 from gemma_onnx.runtime.session import RunState, Session, check_session_options
 from gemma_onnx.runtime.text import StreamDecoder, TextTokenizer
 
-Prompt = str | Sequence[int]  # text, or token ids used as they are (no BOS added)
+# Text, token ids used as they are (no BOS added), or a conversation: a list of chat messages
+# ({"role": "system" | "user" | "assistant", "content": text}) rendered by the chat template.
+Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
 _ALLOCATION_STEP = 256  # grow the KV buffers in whole steps, so similar requests reuse them
 
 
@@ -140,15 +143,19 @@ class Gemma:
     ) -> Completion | list[Completion]:
         """Generate for one prompt (-> Completion) or a batch (a list -> list of Completions).
 
-        A prompt is text or a list of token ids. A batch runs in one padded session and each
-        row finishes on its own; greedy rows give the tokens they would alone, while sampled
-        rows share one random stream (the same batch and seed repeat, but a row's sample
-        depends on the rows beside it). Greedy when temperature is 0; ``seed`` makes sampling
-        repeat; ``stop`` strings end a row (the text stops before them); ``chat`` wraps text
-        prompts in the folder's chat template; ``truncate`` keeps the end of a prompt too long
-        for the context instead of refusing it. ``max_new_tokens`` defaults to 256, or to what
-        the context limit (``max_length``) leaves after the longest prompt, if less (with
-        ``truncate``, at least half the context); a number given is held to.
+        A prompt is text, a list of token ids, or a conversation: a list of messages
+        (``{"role": "system" | "user" | "assistant", "content": text}``) rendered by the
+        folder's chat template, whatever ``chat`` says. A batch runs in one padded session and
+        each row finishes on its own; greedy rows give the tokens they would alone, while
+        sampled rows share one random stream (the same batch and seed repeat, but a row's
+        sample depends on the rows beside it). Greedy when temperature is 0; ``seed`` makes
+        sampling repeat; ``stop`` strings end a row (the text stops before them); ``chat``
+        wraps text prompts in the folder's chat template; ``truncate`` keeps the end of a
+        prompt too long for the context instead of refusing it (of a chat prompt, with its turn
+        markers; a conversation first loses its oldest turns, after any system message).
+        ``max_new_tokens`` defaults to 256, or to what the context limit (``max_length``) leaves
+        after the longest prompt, if less (with ``truncate``, at least half the context); a
+        number given is held to.
         """
         single, prompts = _as_batch(prompt)
         completions: list[Completion] = []
@@ -227,9 +234,15 @@ class Gemma:
             if max_new_tokens is None:
                 max_new_tokens = default_max_new_tokens(encoded, self.context_limit, truncate)
             frames = None
-            if chat and truncate:  # cut the prompt's own text, not the turn markers
-                pairs = zip(prompts, encoded, strict=True)
-                frames = [self.tokenizer.chat_frame(p, i) for p, i in pairs]
+            if truncate:  # of chat prompts, cut the last message's text, not the turn markers
+                frames = []
+                for row, prompt in enumerate(prompts):
+                    if _is_conversation(prompt):
+                        room = self.context_limit - max_new_tokens
+                        prompt, encoded[row] = self._drop_oldest_turns(prompt, encoded[row], room)
+                    chat_row = _is_conversation(prompt) or (chat and isinstance(prompt, str))
+                    frame = self.tokenizer.chat_frame(prompt, encoded[row]) if chat_row else None
+                    frames.append(frame)
             ids = fit_context(
                 encoded,
                 max_new_tokens,
@@ -288,8 +301,28 @@ class Gemma:
                 reason = "length"
             completions.append(Completion(tokens, text, reason, len(ids[row]), stats))
 
+    def _drop_oldest_turns(
+        self, messages: Sequence[Mapping], ids: list[int], room: int
+    ) -> tuple[list[Mapping], list[int]]:
+        """A conversation too long for ``room`` tokens loses its oldest turns, a user message
+        and the answer after it at a time, keeping any leading system message and at least the
+        last message; returns the messages kept and their ids."""
+        messages = list(messages)
+        system = 1 if messages[0].get("role") == "system" else 0
+        while len(ids) > room and len(messages) - system >= 3:
+            messages = messages[:system] + messages[system + 2 :]
+            ids = self.tokenizer.encode_chat(messages)
+        return messages, ids
+
     def _encode(self, prompt: Prompt, chat: bool, row: int, rows: int = 1) -> list[int]:
         name = "the prompt" if rows == 1 else f"prompt {row}"
+        if _is_conversation(prompt):
+            tokenizer = self._require_tokenizer("conversations")
+            try:
+                ids = tokenizer.encode_chat(prompt)
+            except GemmaOnnxError as exc:
+                raise GemmaOnnxError(f"{name}: {exc}") from None
+            return self._check_vocabulary(ids)
         if isinstance(prompt, str):
             if not prompt:
                 # The tokenizer would turn "" into BOS alone: say so rather than ramble from it.
@@ -298,14 +331,7 @@ class Gemma:
                 )
             tokenizer = self._require_tokenizer("text prompts")
             ids = tokenizer.encode_chat(prompt) if chat else tokenizer.encode(prompt)
-            outside = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-            if outside:
-                raise GemmaOnnxError(
-                    f"{self.session.model_dir}: tokenizer.json gives token id {outside[0]}, "
-                    f"outside the model's vocabulary [0, {self.spec.vocab_size}); the tokenizer "
-                    "does not belong to this model"
-                )
-            return ids
+            return self._check_vocabulary(ids)
         if chat:
             raise GemmaOnnxError("chat needs a text prompt, not token ids")
         ids = _as_list(prompt, name)
@@ -321,6 +347,16 @@ class Gemma:
                     f"vocabulary [0, {vocab})"
                 )
         return [int(t) for t in ids]
+
+    def _check_vocabulary(self, ids: list[int]) -> list[int]:
+        outside = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if outside:
+            raise GemmaOnnxError(
+                f"{self.session.model_dir}: tokenizer.json gives token id {outside[0]}, "
+                f"outside the model's vocabulary [0, {self.spec.vocab_size}); the tokenizer "
+                "does not belong to this model"
+            )
+        return ids
 
     def _require_tokenizer(self, what: str) -> TextTokenizer:
         if self.tokenizer is None:
@@ -351,21 +387,36 @@ class Gemma:
 
 
 def _as_batch(prompt: Prompt | Sequence[Prompt]) -> tuple[bool, list[Prompt]]:
-    """(is a single prompt, prompts): text or a flat id list is one prompt, a list is a batch.
+    """(is a single prompt, prompts): text, a flat id list or a list of messages is one
+    prompt; any other list is a batch.
 
     A list holding any integer is one id list (a stray non-integer in it is then reported by
-    position), since a batch of bare integers means nothing.
+    position), since a batch of bare integers means nothing; one holding any dict is one
+    conversation, for the same reason.
     """
     if isinstance(prompt, str):
         return True, [prompt]
+    if isinstance(prompt, Mapping) and "role" in prompt:
+        raise GemmaOnnxError(
+            "one message is not a conversation: pass a list of messages, [{'role': 'user', "
+            "'content': ...}]"
+        )
     if hasattr(prompt, "tolist") and not isinstance(prompt, list):  # numpy, torch: plain lists
         prompt = prompt.tolist()
     items = _as_list(prompt, "the prompt")
     if not items:
         raise GemmaOnnxError("no prompt given")
-    if any(isinstance(p, (int, np.integer)) for p in items):
+    if any(isinstance(p, (int, np.integer)) for p in items) or _is_conversation(items):
         return True, [items]
     return False, items
+
+
+def _is_conversation(prompt: object) -> bool:
+    """A list of chat messages: a list that holds a dict (check_messages checks the rest)."""
+    return isinstance(prompt, (list, tuple)) and any(isinstance(m, Mapping) for m in prompt)
+
+
+_PROMPT_KINDS = "must be text, a list of token ids or a list of chat messages"
 
 
 def _as_list(prompt: object, what: str) -> list:
@@ -373,15 +424,11 @@ def _as_list(prompt: object, what: str) -> list:
     if isinstance(prompt, (bytes, bytearray)):
         raise GemmaOnnxError(f"{what} is bytes; decode it to str, or pass a list of token ids")
     if isinstance(prompt, (dict, set, frozenset)):  # a mapping's keys, a set's own order
-        raise GemmaOnnxError(
-            f"{what} must be text or a list of token ids, got {type(prompt).__name__}"
-        )
+        raise GemmaOnnxError(f"{what} {_PROMPT_KINDS}, got {type(prompt).__name__}")
     try:
         return list(prompt)
     except TypeError:
-        raise GemmaOnnxError(
-            f"{what} must be text or a list of token ids, got {type(prompt).__name__}"
-        ) from None
+        raise GemmaOnnxError(f"{what} {_PROMPT_KINDS}, got {type(prompt).__name__}") from None
 
 
 def check_options(

@@ -43,6 +43,11 @@ from gemma_onnx.errors import GemmaOnnxError
 @click.option("--ignore-eos", is_flag=True, help="Run to --max-new-tokens (benchmarks).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option(
+    "--system",
+    default=None,
+    help="A system message before the prompt, in the chat template (implies --chat).",
+)
+@click.option(
     "--max-length",
     type=int,
     default=None,
@@ -65,6 +70,7 @@ def generate(
     stop: tuple[str, ...],
     ignore_eos: bool,
     chat: bool,
+    system: str | None,
     max_length: int | None,
     truncate: bool,
     stats: bool,
@@ -99,6 +105,9 @@ def generate(
         prompt = _read_stdin()
     if not prompt:
         raise GemmaOnnxError("the prompt is empty; pass PROMPT or pipe it on stdin")
+    request: str | list[dict] = prompt
+    if system is not None:  # Gemma 3's template opens the first user turn with it
+        request = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
     _tolerant_stdout()
     start = time.perf_counter()
     gemma = Gemma(
@@ -111,7 +120,7 @@ def generate(
             "to read the prompt; copy it there from the source weights' folder"
         )
     stream = gemma.stream(
-        prompt,
+        request,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,

@@ -77,14 +77,14 @@ def fit_context(
     truncate: bool = False,
     bos_token_id: int | None = None,
     model_limit: int | None = None,
-    frames: Sequence[tuple[int, int]] | None = None,
+    frames: Sequence[tuple[int, int] | None] | None = None,
 ) -> list[list[int]]:
     """Check prompt + max_new_tokens against the context ``limit`` (the smaller of
     max_position_embeddings and the allocated max length); with ``truncate``, keep the end of a
     prompt that is too long (and its leading BOS, which Gemma needs), else refuse, suggesting a
     larger --max-length only when the model's own context (``model_limit``) allows one.
     ``frames``: per prompt, (head, tail) tokens a chat template put around the prompt's own,
-    which truncation keeps (by default only a leading BOS)."""
+    which truncation keeps (by default, or where the entry is None, only a leading BOS)."""
     check_max_new_tokens(max_new_tokens)
     if max_new_tokens >= limit:
         raise GemmaOnnxError(
@@ -107,12 +107,12 @@ def fit_context(
                     f"{name} has {len(prompt)} tokens; with max_new_tokens {max_new_tokens} that "
                     f"exceeds the context limit of {limit} tokens: {fixes} or pass --truncate"
                 )
-            if frames is not None:
+            if frames is not None and frames[row] is not None:
                 head, tail = frames[row]
             else:
                 head, tail = int(bos_token_id is not None and prompt[0] == bos_token_id), 0
             if head + tail >= room:
-                if frames is not None and head + tail > 1:
+                if frames is not None and frames[row] is not None and head + tail > 1:
                     raise GemmaOnnxError(
                         f"{name}: the chat template alone takes {head + tail} of the "
                         f"{room} tokens the context leaves for the prompt; lower "

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import ctypes
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from gemma_onnx.errors import GemmaOnnxError
 
-# Gemma's turn format, used when the folder has no chat template (or jinja2 is missing).
-GEMMA_CHAT = "{bos}<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+# Roles a chat message may have ("model" is Gemma's own name for the assistant). Folders without
+# a chat template (or without jinja2 installed) render Gemma 3's format (_gemma_turns).
+ROLES = ("system", "user", "assistant", "model")
 _REPLACEMENT = "\ufffd"  # what a decoder prints for bytes that are not (yet) a whole character
 
 
@@ -88,24 +89,30 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def encode_chat(self, prompt: str) -> list[int]:
-        """One user turn in the folder's chat template, ready for the model's answer.
+    def encode_chat(self, conversation: str | Sequence[Mapping]) -> list[int]:
+        """A conversation in the folder's chat template, ready for the model's answer: text
+        is one user turn; else a list of messages (see :func:`check_messages`).
 
         The template renders the BOS itself, so the tokenizer must not add another.
         """
-        return self.encode(self.render_chat(prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(conversation), add_special_tokens=False)
 
-    def chat_frame(self, prompt: str, ids: Sequence[int]) -> tuple[int, int]:
-        """(head, tail): how many of ``ids`` (``encode_chat(prompt)``) the template puts before
-        and after the prompt's own tokens, so that truncation can cut the prompt and keep the
-        turn markers. (1, 0), only the BOS, when the template's parts do not tokenize apart."""
+    def chat_frame(
+        self, conversation: str | Sequence[Mapping], ids: Sequence[int]
+    ) -> tuple[int, int]:
+        """(head, tail): how many of ``ids`` (``encode_chat(conversation)``) the template puts
+        before and after the last message's own tokens, so that truncation can cut that text
+        and keep the turn markers (and the turns before it). (1, 0), only the BOS, when the
+        template's parts do not tokenize apart."""
         fallback = (1, 0) if ids[:1] == [self.bos_token_id] else (0, 0)
+        messages = check_messages(conversation)
         marker = "\ue000gemma-onnx\ue000"  # private-use characters: in no real prompt
-        frame = self.render_chat(marker)
+        last = {**messages[-1], "content": marker}
+        frame = self.render_chat([*messages[:-1], last])
         if frame.count(marker) != 1:
             return fallback
         before, after = frame.split(marker)
-        rendered = self.render_chat(prompt)
+        rendered = self.render_chat(messages)
         if not (rendered.startswith(before) and rendered.endswith(after)):
             return fallback
         head = self.encode(before, add_special_tokens=False) if before else []
@@ -116,7 +123,8 @@ class TextTokenizer:
             return fallback
         return len(head), len(tail)
 
-    def render_chat(self, prompt: str) -> str:
+    def render_chat(self, conversation: str | Sequence[Mapping]) -> str:
+        messages = check_messages(conversation)
         if self.chat_template is not None:
             try:
                 from jinja2.exceptions import TemplateError
@@ -129,15 +137,79 @@ class TextTokenizer:
                 env.globals["raise_exception"] = _raise_template_error
                 try:
                     return env.from_string(self.chat_template).render(
-                        messages=[{"role": "user", "content": prompt}],
+                        messages=messages,
                         add_generation_prompt=True,
                         bos_token=self.bos_token,
                         eos_token=self.eos_token,
                     )
                 except TemplateError as exc:
                     raise GemmaOnnxError(f"chat template of the model folder: {exc}") from None
-        # Gemma 3's own template trims each message (`content | trim`); so does its fallback.
-        return GEMMA_CHAT.format(bos=self.bos_token, prompt=prompt.strip())
+        return _gemma_turns(messages, self.bos_token)
+
+
+def check_messages(conversation: str | Sequence[Mapping]) -> list[dict]:
+    """A conversation as chat-template messages: text is one user message; otherwise a
+    non-empty list of ``{"role": ..., "content": ...}`` with a known role and text content (a
+    string, or a list of ``{"type": "text", "text": ...}`` parts), not only system messages.
+    Everything else is refused by message number, before any template runs."""
+    if isinstance(conversation, str):
+        return [{"role": "user", "content": conversation}]
+    messages = list(conversation)
+    if not messages:
+        raise GemmaOnnxError("the conversation has no messages")
+    for number, message in enumerate(messages):
+        where = f"message {number}"
+        if not isinstance(message, Mapping):
+            raise GemmaOnnxError(
+                f"{where} must be a dict with 'role' and 'content', got {type(message).__name__}"
+            )
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise GemmaOnnxError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, Sequence) or isinstance(content, (bytes, bytearray)):
+            raise GemmaOnnxError(
+                f"{where}: content must be text or a list of text parts, got {content!r:.60}"
+            )
+        for part in content:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise GemmaOnnxError(
+                    f"{where}: only text parts ({{'type': 'text', 'text': ...}}) are supported "
+                    f"by Gemma 3's text decoder, got {part!r:.60}"
+                )
+    if all(m["role"] == "system" for m in messages):
+        raise GemmaOnnxError("the conversation has only system messages; add a user message")
+    return [dict(m) for m in messages]
+
+
+def _text(content: str | Sequence[Mapping], trim: bool = True) -> str:
+    if isinstance(content, str):
+        return content.strip() if trim else content
+    return "".join(p["text"].strip() if trim else p["text"] for p in content)
+
+
+def _gemma_turns(messages: list[dict], bos: str) -> str:
+    """Gemma 3's chat template, for folders without one: a leading system message opens the
+    first turn (followed by a blank line), roles alternate user/model starting with the user,
+    each message's text is trimmed, and the model's turn is opened for its answer."""
+    prefix = ""
+    if messages[0]["role"] == "system":
+        content = messages[0]["content"]
+        first = content if isinstance(content, str) else (content[0]["text"] if content else "")
+        prefix = first + "\n\n"
+        messages = messages[1:]
+    turns = [bos]
+    for index, message in enumerate(messages):
+        if (message["role"] == "user") != (index % 2 == 0):
+            raise GemmaOnnxError(
+                "chat template: Conversation roles must alternate user/assistant/user/assistant/..."
+            )
+        role = "model" if message["role"] == "assistant" else message["role"]
+        text = (prefix if index == 0 else "") + _text(message["content"])
+        turns.append(f"<start_of_turn>{role}\n{text}<end_of_turn>\n")
+    return "".join(turns) + "<start_of_turn>model\n"
 
 
 def _raise_template_error(message: str) -> None:

@@ -56,6 +56,18 @@ def test_sampling_chat_and_stop_options(model_dir):
     assert stopped.stdout == first.stdout[: first.stdout.index(stop)] + "\n"
 
 
+def test_system_message_opens_the_chat(model_dir):
+    """--system puts a system message before the prompt, in the chat template (--chat implied)."""
+    args = ["--model", model_dir, "--max-new-tokens", "8", "--ignore-eos", "--threads", "1"]
+    result = run(*args, "--system", "be brief", "hi")
+    assert result.exit_code == 0, result.output
+    conversation = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    expected = Gemma(model_dir).generate(conversation, max_new_tokens=8, ignore_eos=True).text
+    assert result.stdout == expected + "\n"
+    assert run(*args, "--chat", "--system", "be brief", "hi").stdout == result.stdout
+    assert run(*args, "--chat", "hi").stdout != result.stdout
+
+
 MOST_THREADS = 4 * (os.cpu_count() or 1)  # what the session allows
 
 

@@ -983,6 +983,8 @@ def test_cuda_where_it_is_not_available(model_dir):
     result = generate(model_dir, "--provider", "cuda", "hello")
     assert_clean_error(result, "provider 'cuda' needs CUDAExecutionProvider", "available: ")
 
+KINDS = "must be text, a list of token ids or a list of chat messages"
+
 
 @pytest.mark.parametrize(
     ("prompt", "message"),
@@ -992,16 +994,16 @@ def test_cuda_where_it_is_not_available(model_dir):
         ([2, 2**40], "token id 1099511627776 at position 1 is outside the vocabulary"),
         ([2, 1.5], "the prompt: token 1.5 at position 1 is not an integer id"),
         ([[2, 7], [2, 999]], "prompt 1: token id 999 at position 1 is outside the vocabulary"),
-        ([[2, 7], None], "prompt 1 must be text or a list of token ids, got NoneType"),
-        (None, "the prompt must be text or a list of token ids, got NoneType"),
+        ([[2, 7], None], f"prompt 1 {KINDS}, got NoneType"),
+        (None, f"the prompt {KINDS}, got NoneType"),
         (b"hi", "the prompt is bytes; decode it to str"),
         ([], "no prompt given"),
         ([[2], []], "prompt 1 is empty"),
         ("", "the prompt is empty text"),
         (["hi", ""], "prompt 1 is empty text"),
         ("caf\udce9", "the prompt is not valid text: '\\udce9' at character 3"),
-        ({"input_ids": [2, 7]}, "the prompt must be text or a list of token ids, got dict"),
-        ({2, 7}, "the prompt must be text or a list of token ids, got set"),
+        ({"input_ids": [2, 7]}, f"the prompt {KINDS}, got dict"),
+        ({2, 7}, f"the prompt {KINDS}, got set"),
     ],
 )
 def test_bad_prompts_through_the_python_api(model_dir, prompt, message):

@@ -358,6 +358,166 @@ def test_chat_template_renders_the_gemma_turn_format(gemma):
     assert len(gemma.generate("hello", chat=True, max_new_tokens=2).token_ids) <= 2
 
 
+# Gemma 3's published chat template (the -it models' tokenizer_config.json), text parts only:
+# the oracle's template for conversations, rendered by transformers' apply_chat_template.
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+CONVERSATION = [
+    {"role": "system", "content": " Be brief.\n"},
+    {"role": "user", "content": "Name a colour. "},
+    {"role": "assistant", "content": "Blue."},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "Another"}, {"type": "text", "text": " one?"}],
+    },
+]
+
+
+def hf_tokenizer(model_dir, template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "conversation",
+    [CONVERSATION, CONVERSATION[1:], CONVERSATION[:2], [{"role": "user", "content": "hi"}]],
+    ids=["system and turns", "turns", "system and one turn", "one turn"],
+)
+def test_conversations_render_as_gemma3s_template(gemma, conversation):
+    """With Gemma 3's template, and with none (the built-in format), a conversation renders as
+    transformers renders it."""
+    expected = hf_tokenizer(gemma.session.model_dir, GEMMA3_TEMPLATE).apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
+    )
+    ours = TextTokenizer.from_folder(gemma.session.model_dir)
+    ours.chat_template = GEMMA3_TEMPLATE
+    assert ours.render_chat(conversation) == expected
+    ours.chat_template = None
+    assert ours.render_chat(conversation) == expected
+
+
+def test_conversation_roles_must_alternate_with_or_without_a_template(gemma):
+    wrong = [CONVERSATION[1], CONVERSATION[1]]
+    with pytest.raises(Exception, match="must alternate"):
+        hf_tokenizer(gemma.session.model_dir, GEMMA3_TEMPLATE).apply_chat_template(wrong)
+    ours = TextTokenizer.from_folder(gemma.session.model_dir)
+    for template in (GEMMA3_TEMPLATE, None):
+        ours.chat_template = template
+        with pytest.raises(GemmaOnnxError, match="roles must alternate"):
+            ours.render_chat(wrong)
+
+
+def test_a_conversation_generates_what_hf_does_from_its_template(tiny, gemma):
+    """A list of messages is one prompt, rendered by the folder's template (transformers'
+    apply_chat_template gives the ids), chat=True or not; a list of them is a batch."""
+    _, oracle = tiny
+    ids = hf_tokenizer(gemma.session.model_dir).apply_chat_template(
+        CONVERSATION, add_generation_prompt=True
+    )
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    expected = hf_greedy(oracle, list(ids), 12)
+    got = gemma.generate(CONVERSATION, max_new_tokens=12, ignore_eos=True)
+    assert got.prompt_tokens == len(ids) and got.token_ids == expected
+    again = gemma.generate(CONVERSATION, chat=True, max_new_tokens=12, ignore_eos=True)
+    assert again.token_ids == got.token_ids
+    batch = gemma.generate([CONVERSATION, "abc"], max_new_tokens=12, ignore_eos=True)
+    assert batch[0].token_ids == expected
+    assert batch[1].token_ids == gemma.generate("abc", max_new_tokens=12, ignore_eos=True).token_ids
+    assert "".join(gemma.stream(CONVERSATION, max_new_tokens=12, ignore_eos=True)) == got.text
+
+
+def test_a_long_conversation_loses_its_oldest_turns_first(tiny):
+    """--truncate on a conversation drops whole turns after the system message, oldest first,
+    then cuts the last message's text, keeping the system message and the turn markers."""
+    turns = [{"role": "system", "content": "be brief"}]
+    for n in range(6):
+        turns += [{"role": "user", "content": f"q{'x' * n}"}, {"role": "assistant", "content": "a"}]
+    turns.append({"role": "user", "content": "last"})
+    tokenizer = TextTokenizer.from_folder(tiny[0])
+    kept = [turns[0], *turns[-3:]]  # the system message, one whole turn and the question
+    fits, one_more = (len(tokenizer.encode_chat(c)) for c in (kept, [turns[0], *turns[-5:]]))
+    small = Gemma(tiny[0], max_length=4 + (fits + one_more) // 2)  # room for kept, not more
+    got = small.generate(turns, truncate=True, max_new_tokens=4, ignore_eos=True)
+    assert got.prompt_tokens == len(small.tokenizer.encode_chat(kept))
+    assert got.token_ids == small.generate(kept, max_new_tokens=4, ignore_eos=True).token_ids
+
+    long_question = [turns[0], {"role": "user", "content": "abc def " * 20}]
+    got = small.generate(long_question, truncate=True, max_new_tokens=4, ignore_eos=True)
+    full = tokenizer.encode_chat(long_question)
+    # CHAT_TEMPLATE's markup around the question, with the system message's turn before it
+    head = tokenizer.encode(
+        "<bos><start_of_turn>system\nbe brief<end_of_turn>\n<start_of_turn>user\n",
+        add_special_tokens=False,
+    )
+    tail = tokenizer.encode("<end_of_turn>\n<start_of_turn>model\n", add_special_tokens=False)
+    assert full[: len(head)] == head and full[-len(tail) :] == tail
+    room = small.max_length - 4
+    assert got.prompt_tokens == room < len(full)
+    end = len(full) - len(tail)
+    kept = full[: len(head)] + full[end - (room - len(head) - len(tail)) : end] + tail
+    assert small.generate(kept, max_new_tokens=4, ignore_eos=True).token_ids == got.token_ids
+
+
+@pytest.mark.parametrize(
+    "conversation, message",
+    [
+        ([{"role": "bot", "content": "x"}], "message 0: role 'bot' is not one of system, user"),
+        ([CONVERSATION[1], {"role": "user"}], "message 1: content must be text"),
+        (
+            [{"role": "user", "content": [{"type": "image", "url": "cat.png"}]}],
+            "message 0: only text parts",
+        ),
+        ([CONVERSATION[0]], "only system messages; add a user message"),
+        ([CONVERSATION[1], "hi"], "message 1 must be a dict with 'role' and 'content'"),
+        (CONVERSATION[1], "one message is not a conversation: pass a list of messages"),
+    ],
+)
+def test_bad_conversations_are_named(gemma, conversation, message):
+    with pytest.raises(GemmaOnnxError, match=message):
+        gemma.generate(conversation, max_new_tokens=2)
+
+
 def test_context_guard_refuses_or_truncates(gemma, tiny):
     long_prompt = [2, *([7] * 250)]  # 251 + 10 > max_position_embeddings 256
     with pytest.raises(GemmaOnnxError, match="context limit of 256 tokens"):
