@@ -983,6 +983,7 @@ def test_cuda_where_it_is_not_available(model_dir):
     result = generate(model_dir, "--provider", "cuda", "hello")
     assert_clean_error(result, "provider 'cuda' needs CUDAExecutionProvider", "available: ")
 
+
 KINDS = "must be text, a list of token ids or a list of chat messages"
 
 
