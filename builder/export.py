@@ -13,6 +13,7 @@ directory that can be locked is stale, and a concurrent build's is never touched
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import glob
@@ -23,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -379,23 +381,32 @@ def _build_from_gguf(gguf: Path, output: Path, **options) -> Path:
     from gemma_onnx.tools.gguf_import import import_gguf
 
     _check_output(output, gguf, options["overwrite"])  # the GGUF is the source to protect
-    holder, lock = None, None
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(output)
-        holder = Path(tempfile.mkdtemp(prefix=_staging_prefix(output), dir=output.parent))
-        lock = _try_lock(holder)
-        if options["progress"]:
-            print(f"importing {gguf.name} (dequantized to float32)", file=sys.stderr, flush=True)
-        imported = import_gguf(gguf, holder / "hf", progress=options["progress"])
-        return build_model(imported, output, **options)
+        with _staging_folder(output) as holder:
+            if options["progress"]:
+                note = f"importing {gguf.name} (dequantized to float32)"
+                print(note, file=sys.stderr, flush=True)
+            imported = import_gguf(gguf, holder / "hf", progress=options["progress"])
+            return build_model(imported, output, **options)
     except OSError as exc:  # making the holder; import_gguf reports its own writes
-        raise GemmaOnnxError(
-            f"{output}: could not write beside it ({exc.strerror or exc})"
-        ) from exc
+        reason = exc.strerror or exc
+        raise GemmaOnnxError(f"{output}: could not write beside it ({reason})") from exc
+
+
+@contextlib.contextmanager
+def _staging_folder(output: Path) -> Iterator[Path]:
+    """A new temporary folder beside ``output``, flock-ed while this build lives (so the next
+    build to ``output`` removes it only if this one died), and removed on the way out unless it
+    was renamed into place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(output)
+    folder = Path(tempfile.mkdtemp(prefix=_staging_prefix(output), dir=output.parent))
+    lock = _try_lock(folder)
+    try:
+        yield folder
     finally:
-        if holder is not None:
-            shutil.rmtree(holder, ignore_errors=True)
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
         if lock is not None:
             os.close(lock)
 
@@ -485,31 +496,27 @@ def build_model(
         skip_quality = quality_skip_reason(checkpoint, output.parent, quality)
     model = build_graph(config, checkpoint, precision, target, quant)
 
-    staging, lock = None, None
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(output)
-        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output), dir=output.parent))
-        lock = _try_lock(staging)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is ordinary
-        _write_files(model, staging, source, config_json, generation, progress)
-        if precision in BITS:  # quantized: measure what it costs, on this very build
-            report = None
-            if skip_quality is None:
-                quantization = quant.describe(target, config.hidden_size)
-                report = write_quality_report(staging, config, checkpoint, quantization)
-                if report is None:
-                    skip_quality = "the source has no tokenizer.json to read the held-out text"
-            if report is None and progress:
-                print(f"quality: not measured ({skip_quality})", file=sys.stderr, flush=True)
-        if target == "portable":  # onnxruntime-genai reads the folder through this file
-            write_genai_config(staging, config_json, generation)
-        if layout == "transformers.js":
-            write_transformers_js_layout(staging)
-        _settle_files(staging)
-        _move_into_place(staging, output, overwrite)
+        with _staging_folder(output) as staging:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result is ordinary
+            _write_files(model, staging, source, config_json, generation, progress)
+            if precision in BITS:  # quantized: measure what it costs, on this very build
+                report = None
+                if skip_quality is None:
+                    quantization = quant.describe(target, config.hidden_size)
+                    report = write_quality_report(staging, config, checkpoint, quantization)
+                    if report is None:
+                        skip_quality = "the source has no tokenizer.json to read the held-out text"
+                if report is None and progress:
+                    print(f"quality: not measured ({skip_quality})", file=sys.stderr, flush=True)
+            if target == "portable":  # onnxruntime-genai reads the folder through this file
+                write_genai_config(staging, config_json, generation)
+            if layout == "transformers.js":
+                write_transformers_js_layout(staging)
+            _settle_files(staging)
+            _move_into_place(staging, output, overwrite)
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""  # e.g. the file in the way
         # A short write says "N requested and M written", not ENOSPC: look at the disk too.
@@ -518,9 +525,4 @@ def build_model(
             f"{output}: could not write the model ({exc.strerror or exc}{where})"
             + ("; the disk is full" if full else "")
         ) from exc
-    finally:
-        if staging is not None and staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        if lock is not None:
-            os.close(lock)
     return output
