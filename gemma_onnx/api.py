@@ -114,6 +114,10 @@ class Gemma:
             )
         self.max_length = max_length
         self._state: RunState | None = None
+        # The tokens whose KV row 0 of _state holds after the last single-prompt generation (its
+        # prompt and new tokens but the last); a request that extends them computes only the
+        # rest. Reset by every call, set again when a single-prompt call completes.
+        self._cached: list[int] | None = None
         # One generation at a time: each call takes a new epoch, and a generation whose epoch
         # is no longer current stops (see _run); the lock makes check-and-step atomic.
         self._lock = threading.Lock()
@@ -252,7 +256,12 @@ class Gemma:
                 model_limit=self.spec.max_position_embeddings,
                 frames=frames,
             )
-            state = self._state_for(len(ids), max(map(len, ids)) + max_new_tokens)
+            cached, self._cached = self._cached, None
+            if not (cached and len(ids) == 1 and _extends(ids[0], cached)):
+                cached = []
+            state, carried = self._state_for(
+                len(ids), max(map(len, ids)) + max_new_tokens, len(cached)
+            )
         decoders = [StreamDecoder(self.tokenizer, stop) for _ in ids] if self.tokenizer else None
         outputs: list[list[int]] = [[] for _ in ids]
         stats = GenerationStats()
@@ -266,6 +275,7 @@ class Gemma:
             ignore_eos=ignore_eos,
             should_stop=(lambda row, token: decoders[row].push(token)) if decoders else None,
             stats=stats,
+            cached=carried,
         )
         while True:
             with self._lock:
@@ -276,6 +286,8 @@ class Gemma:
                         "per thread)"
                     )
                 new = next(steps, None)
+                if new is None and len(ids) == 1:  # what the KV cache holds, for a later request
+                    self._cached = ids[0] + outputs[0][:-1]  # that extends it
             if new is None:
                 break
             for row in np.flatnonzero(new >= 0):
@@ -368,11 +380,13 @@ class Gemma:
             raise GemmaOnnxError(f"{what} need a tokenizer, and {why}; pass token ids instead")
         return self.tokenizer
 
-    def _state_for(self, rows: int, length: int) -> RunState:
-        """The RunState, allocated anew only when this request needs more rows or positions."""
+    def _state_for(self, rows: int, length: int, cached: int = 0) -> tuple[RunState, int]:
+        """The RunState, allocated anew only when this request needs more rows or positions,
+        and how many of the ``cached`` positions of row 0 it holds (a new one gets them copied
+        where the buffers are host memory)."""
         state = self._state
         if state is not None and state.batch >= rows and state.max_length >= length:
-            return state
+            return state, cached
         if self.max_length is not None:
             length = self.context_limit
         else:
@@ -381,9 +395,13 @@ class Gemma:
             if state is not None:
                 length = max(length, state.max_length)
         rows = max(rows, state.batch if state is not None else 0)
+        if cached:  # both sets of buffers live for the copy
+            self._state = self.session.allocate(rows, length)
+            carried = self.session.carry_kv(state, self._state, cached)
+            return self._state, cached if carried else 0
         self._state = None  # release the old buffers before allocating the new ones
         self._state = self.session.allocate(rows, length)
-        return self._state
+        return self._state, 0
 
 
 def _as_batch(prompt: Prompt | Sequence[Prompt]) -> tuple[bool, list[Prompt]]:
@@ -409,6 +427,11 @@ def _as_batch(prompt: Prompt | Sequence[Prompt]) -> tuple[bool, list[Prompt]]:
     if any(isinstance(p, (int, np.integer)) for p in items) or _is_conversation(items):
         return True, [items]
     return False, items
+
+
+def _extends(ids: list[int], prefix: list[int]) -> bool:
+    """Whether ``ids`` is ``prefix`` followed by at least one more token."""
+    return len(ids) > len(prefix) and ids[: len(prefix)] == prefix
 
 
 def _is_conversation(prompt: object) -> bool:

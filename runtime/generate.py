@@ -27,6 +27,7 @@ class GenerationStats:
     """Timings of one generate() call, filled in as it runs."""
 
     prompt_tokens: int = 0  # real (unpadded) prompt tokens over all rows
+    cached_tokens: int = 0  # of those, how many the KV cache held already (not recomputed)
     new_tokens: int = 0  # tokens produced over all rows, eos included
     prefill_seconds: float = 0.0  # prompt forward + first sample: the time to first token
     decode_seconds: float = 0.0  # every later step
@@ -34,7 +35,9 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        """Prompt tokens computed per second (cached ones are not)."""
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -127,18 +130,36 @@ def fit_context(
 
 
 def prefill(
-    session: Session, state: RunState, sampler: Sampler, prompts: Sequence[Sequence[int]]
+    session: Session,
+    state: RunState,
+    sampler: Sampler,
+    prompts: Sequence[Sequence[int]],
+    cached: int = 0,
 ) -> np.ndarray:
     """Run every prompt token in one step, left-padded to the longest prompt, and pick each row's
     first new token: [rows] int64.
 
     Left padding keeps every row's last token in the last column, so one ``logits_to_keep=1``
     step serves them all; position ids count real tokens only (HF generate: cumsum(mask) - 1).
+
+    ``cached``: one prompt only, whose first ``cached`` tokens are exactly what the KV buffers
+    of ``state``'s row 0 hold (the tokens the last generation on it fed); only the rest runs.
     """
     rows, seq = len(prompts), max(len(p) for p in prompts)
+    if cached and (rows != 1 or not 0 < cached < seq):
+        raise ValueError(f"cached={cached} needs one prompt longer than that, got {rows} x {seq}")
     state.start(rows)
     if session.shared_kv:
-        return _prefill_rows(session, state, sampler, prompts)
+        return _prefill_rows(session, state, sampler, prompts, cached)
+    if cached:  # one row, no padding: the new tokens at positions cached..seq-1
+        prompt, new = prompts[0], seq - cached
+        state.past_length = cached
+        state.mask[0, :seq] = 1
+        state.seen[0, prompt] = True
+        state.input_ids[:new] = prompt[cached:]  # as [1, new]
+        state.position_ids[:new] = np.arange(cached, seq)
+        state.next_position[0] = seq
+        return _pick(sampler, state, session.forward(state, 1, new))
     ids = state.input_ids[: rows * seq].reshape(rows, seq)  # [rows, seq]
     ids.fill(session.spec.pad_token_id)
     mask = state.mask[:rows, :seq]  # [rows, seq]
@@ -156,13 +177,18 @@ def prefill(
 
 
 def _prefill_rows(
-    session: Session, state: RunState, sampler: Sampler, prompts: Sequence[Sequence[int]]
+    session: Session,
+    state: RunState,
+    sampler: Sampler,
+    prompts: Sequence[Sequence[int]],
+    cached: int = 0,
 ) -> np.ndarray:
     """Shared-KV graphs keep rows right-padded (each row's tokens from position 0), so each
     prompt runs alone at its own length, into its own row of the KV buffers; on the CPU in
     chunks of PREFILL_CHUNK tokens, each attending to the KV the previous ones wrote, and only
     the last computing logits (on CUDA the activations are device memory, and one forward per
-    prompt keeps GQA on its first-prompt path)."""
+    prompt keeps GQA on its first-prompt path). A ``cached`` start continues row 0's buffers
+    as the previous chunks would have left them."""
     first = np.zeros(len(prompts), np.int64)
     chunk = PREFILL_CHUNK if session.device == "cpu" else max(map(len, prompts))
     for row, prompt in enumerate(prompts):
@@ -170,7 +196,7 @@ def _prefill_rows(
         state.mask[row, :length] = 1
         state.seen[row, prompt] = True
         state.next_position[row] = length
-        for start in range(0, length, chunk):
+        for start in range(cached, length, chunk):
             end = min(start + chunk, length)
             state.input_ids[: end - start] = prompt[start:end]  # as [1, end - start]
             state.position_ids[: end - start] = np.arange(start, end)
@@ -217,21 +243,25 @@ def generate(
     ignore_eos: bool = False,
     should_stop: Callable[[int, int], bool] | None = None,
     stats: GenerationStats | None = None,
+    cached: int = 0,
 ) -> Iterator[np.ndarray]:
     """Yield each step's new tokens, [rows] int64, with -1 for rows that already finished.
 
     A row finishes on any id in ``eos_token_ids`` (unless ``ignore_eos``; the eos token itself
     is yielded), when ``should_stop(row, token)`` says so, or after ``max_new_tokens``. Rows
     finish independently; finished rows feed the pad token until the last row is done.
-    Prompts must already fit (see :func:`fit_context`) the state's max_length.
+    Prompts must already fit (see :func:`fit_context`) the state's max_length. ``cached``: see
+    :func:`prefill`. The tokens fed, and so left in the KV cache, are each prompt and its new
+    tokens but the last.
     """
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens += sum(len(p) for p in prompts)
+    stats.cached_tokens += cached
     rows = len(prompts)
     eos = np.fromiter(() if ignore_eos else eos_token_ids, np.int64)
     done = np.zeros(rows, bool)
     start = time.perf_counter()
-    tokens = prefill(session, state, sampler, prompts)
+    tokens = prefill(session, state, sampler, prompts, cached)
     stats.prefill_seconds += time.perf_counter() - start
     for step in range(max_new_tokens):
         if step:

@@ -326,6 +326,28 @@ class Session:
             seen=np.zeros((batch, spec.vocab_size), bool),
         )
 
+    def carry_kv(self, source: RunState, target: RunState, positions: int) -> bool:
+        """Copy row 0's first ``positions`` cached positions from ``source``'s KV buffers into
+        ``target``'s (a larger RunState replacing it), laid out as ``target`` binds them, so a
+        generation can continue there. False, copying nothing, where the buffers are device
+        memory (CUDA)."""
+        if self.device != "cpu":
+            return False
+        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
+        for index, (old, new) in enumerate(zip(source.past, target.past, strict=True)):
+            old_array, new_array = old.memory, new.memory
+            if self.shared_kv:  # [B, H, length, D], row 0 first; a window's length is fixed
+                old_length = self.kv_length(index, source.max_length)
+                new_length = self.kv_length(index, target.max_length)
+                keep = min(positions, old_length) * dim
+                for head in range(heads):
+                    at_old, at_new = head * old_length * dim, head * new_length * dim
+                    new_array[at_new : at_new + keep] = old_array[at_old : at_old + keep]
+            else:  # packed [1, H, positions, D]: the same elements at any capacity
+                size = heads * positions * dim
+                new_array[:size] = old_array[:size]
+        return True
+
     def kv_length(self, index: int, max_length: int) -> int:
         """Positions KV buffer ``index`` holds: its graph's fixed window, or ``max_length``."""
         capacity = self.kv_capacity[index]

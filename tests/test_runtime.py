@@ -518,6 +518,65 @@ def test_bad_conversations_are_named(gemma, conversation, message):
         gemma.generate(conversation, max_new_tokens=2)
 
 
+@pytest.fixture(scope="module")
+def tiny_ort(tiny, tmp_path_factory):
+    """The same weights built for the ORT target (shared KV, window-sized sliding buffers)."""
+    from gemma_onnx.builder import build_model
+
+    weights = Path(tiny[0]).parent / "weights"
+    return build_model(weights, tmp_path_factory.mktemp("tiny_ort") / "onnx", target="ort")
+
+
+@pytest.mark.parametrize("target", ["portable", "ort"])
+@pytest.mark.parametrize("allocation_step", [256, 16], ids=["same buffers", "larger buffers"])
+def test_a_request_that_extends_the_last_one_reuses_its_kv_cache(
+    tiny, tiny_ort, target, allocation_step, monkeypatch
+):
+    """A single prompt that starts with the last one's prompt and new tokens (a conversation's
+    next turn) computes only the rest, past the sliding window (8) and across a reallocation,
+    and gives HF's greedy tokens; the repetition penalty still sees the whole prompt."""
+    import gemma_onnx.api as api
+
+    monkeypatch.setattr(api, "_ALLOCATION_STEP", allocation_step)
+    folder, oracle = (tiny[0] if target == "portable" else tiny_ort), tiny[1]
+    gemma = Gemma(folder, threads=1)
+    first = gemma.generate(PROMPT, max_new_tokens=10, ignore_eos=True)
+    assert first.stats.cached_tokens == 0
+    before = gemma._state
+    longer = PROMPT + first.token_ids + [7, 8, 9]
+    second = gemma.generate(longer, max_new_tokens=12, ignore_eos=True)
+    assert second.stats.cached_tokens == len(PROMPT) + 9  # the last new token was never fed
+    assert (gemma._state is before) == (allocation_step == 256)
+    assert second.token_ids == hf_greedy(oracle, longer, 12)
+
+    longest = longer + second.token_ids + [10]
+    penalised = gemma.generate(longest, max_new_tokens=8, repetition_penalty=3.0)
+    assert penalised.stats.cached_tokens == len(longer) + 11
+    fresh = Gemma(folder, threads=1).generate(longest, max_new_tokens=8, repetition_penalty=3.0)
+    assert fresh.stats.cached_tokens == 0 and penalised.token_ids == fresh.token_ids
+
+
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_requests_that_do_not_extend_the_last_one_start_afresh(tiny, tiny_ort, target):
+    """A prompt that differs, repeats, or follows a batch or an unfinished stream is computed
+    whole, and gives HF's tokens."""
+    folder, oracle = (tiny[0] if target == "portable" else tiny_ort), tiny[1]
+    gemma = Gemma(folder, threads=1)
+    first = gemma.generate(PROMPT, max_new_tokens=6, ignore_eos=True)
+    diverging = PROMPT[:-1] + [9] + first.token_ids
+    cases = {
+        "differs": lambda: None,
+        "repeats": lambda: gemma.generate(diverging, max_new_tokens=6, ignore_eos=True),
+        "batch": lambda: gemma.generate([PROMPT, PROMPT[:5]], max_new_tokens=6, ignore_eos=True),
+        "stream": lambda: next(iter(gemma.stream("abc", max_new_tokens=6, ignore_eos=True))),
+    }
+    for case, before in cases.items():
+        before()
+        got = gemma.generate(diverging, max_new_tokens=6, ignore_eos=True)
+        assert got.stats.cached_tokens == 0, case
+        assert got.token_ids == hf_greedy(oracle, diverging, 6), case
+
+
 def test_context_guard_refuses_or_truncates(gemma, tiny):
     long_prompt = [2, *([7] * 250)]  # 251 + 10 > max_position_embeddings 256
     with pytest.raises(GemmaOnnxError, match="context limit of 256 tokens"):
