@@ -1,8 +1,9 @@
 """``python -m gemma_onnx`` and the ``gemma-onnx`` script.
 
 Importing the CLI (numpy, onnxruntime) takes a moment; Ctrl-C during it, or before the command
-starts, ends quietly as it does once the command runs. ``generate`` first re-executes itself with
-glibc's malloc on transparent huge pages where that helps (see gemma_onnx/huge_pages.py).
+starts, ends quietly as it does once the command runs. ``generate`` and ``chat`` first re-execute
+themselves with glibc's malloc on transparent huge pages where that helps (see
+gemma_onnx/huge_pages.py).
 """
 
 import sys
@@ -10,7 +11,7 @@ import sys
 
 def run() -> None:
     try:
-        if "generate" in sys.argv[1:]:
+        if {"generate", "chat"} & set(sys.argv[1:]):
             from gemma_onnx.huge_pages import reexec_with_huge_pages
 
             reexec_with_huge_pages()

@@ -1,4 +1,4 @@
-"""The ``gemma-onnx`` command line: ``build`` (weights -> model folder) and ``generate``.
+"""The ``gemma-onnx`` command line: ``build`` (weights -> model folder), ``generate`` and ``chat``.
 
 Errors a user can fix (:class:`GemmaOnnxError`, bad options, missing files) print one line and
 exit 1; ``--debug`` shows the traceback instead.
@@ -205,9 +205,10 @@ def _terminate_as_interrupt():
 
 
 def _register_generate() -> None:
-    from gemma_onnx.cli_generate import generate
+    from gemma_onnx.cli_generate import chat, generate
 
     main.add_command(generate)
+    main.add_command(chat)
 
 
 _register_generate()

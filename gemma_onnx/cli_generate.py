@@ -1,4 +1,5 @@
-"""``gemma-onnx generate``: stream text from a model folder (a thin layer over gemma_onnx.api).
+"""``gemma-onnx generate`` and ``gemma-onnx chat``: stream text from a model folder (a thin layer
+over gemma_onnx.api).
 
 Option values are checked by the API (SamplingConfig, the context guard) and fail as
 GemmaOnnxError, which the ``main`` group prints as one line.
@@ -15,46 +16,61 @@ import click
 
 from gemma_onnx.errors import GemmaOnnxError
 
+# Options shared by generate and chat: the model, where it runs, and how tokens are picked.
+_MODEL_OPTIONS = [
+    click.option(
+        "--model",
+        "model_dir",
+        type=click.Path(path_type=str),
+        default=None,
+        help="Model folder written by `gemma-onnx build` (default: the Gemma 3 270M default "
+        "model).",
+    ),
+    click.option("--provider", default="cpu", show_default=True, help="cpu or cuda."),
+    click.option("--threads", type=int, default=None, help="ORT intra-op threads [default: all]."),
+    click.option(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="[default: 256, or what --max-length leaves after the prompt; at least half of "
+        "--max-length where the prompt may be cut (generate --truncate, chat)]",
+    ),
+    click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+    click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+    click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
+    click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off."),
+    click.option(
+        "--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off."
+    ),
+    click.option("--seed", type=int, default=None, help="Makes sampling repeatable."),
+    click.option("--stop", multiple=True, help="Stop before this string (repeatable)."),
+    click.option(
+        "--max-length",
+        type=int,
+        default=None,
+        help="Cap on prompt + new tokens (sizes the KV cache) [default: what the request needs].",
+    ),
+    click.option(
+        "--system",
+        default=None,
+        help="A system message that opens the conversation, in the chat template (generate: "
+        "implies --chat).",
+    ),
+    click.option("--stats", is_flag=True, help="Print timings and peak memory to stderr."),
+]
+
+
+def _model_options(command):
+    for option in reversed(_MODEL_OPTIONS):
+        command = option(command)
+    return command
+
 
 @click.command()
-@click.option(
-    "--model",
-    "model_dir",
-    type=click.Path(path_type=str),
-    default=None,
-    help="Model folder written by `gemma-onnx build` (default: the Gemma 3 270M default model).",
-)
-@click.option("--provider", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--threads", type=int, default=None, help="ORT intra-op threads [default: all].")
-@click.option(
-    "--max-new-tokens",
-    type=int,
-    default=None,
-    help="[default: 256, or what --max-length leaves after the prompt; with --truncate, at "
-    "least half of --max-length]",
-)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off.")
-@click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off.")
-@click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help="1 = off.")
-@click.option("--seed", type=int, default=None, help="Makes sampling repeatable.")
-@click.option("--stop", multiple=True, help="Stop before this string (repeatable).")
+@_model_options
 @click.option("--ignore-eos", is_flag=True, help="Run to --max-new-tokens (benchmarks).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option(
-    "--system",
-    default=None,
-    help="A system message before the prompt, in the chat template (implies --chat).",
-)
-@click.option(
-    "--max-length",
-    type=int,
-    default=None,
-    help="Cap on prompt + new tokens (sizes the KV cache) [default: what the request needs].",
-)
 @click.option("--truncate", is_flag=True, help="Drop the start of a prompt that is too long.")
-@click.option("--stats", is_flag=True, help="Print timings and peak memory to stderr.")
 @click.argument("prompt", required=False)
 def generate(
     model_dir: str | None,
@@ -68,20 +84,119 @@ def generate(
     repetition_penalty: float,
     seed: int | None,
     stop: tuple[str, ...],
+    max_length: int | None,
+    system: str | None,
+    stats: bool,
     ignore_eos: bool,
     chat: bool,
-    system: str | None,
-    max_length: int | None,
     truncate: bool,
-    stats: bool,
     prompt: str | None,
 ) -> None:
     """Generate text for PROMPT (read from stdin when omitted or '-'), printed as it is made."""
-    from gemma_onnx.api import Gemma, check_options
+    sampling = _check_options(
+        provider, threads, max_new_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, stop, max_length,
+    )  # fmt: skip
+    if prompt is None or prompt == "-":
+        prompt = _read_stdin()
+    if not prompt:
+        raise GemmaOnnxError("the prompt is empty; pass PROMPT or pipe it on stdin")
+    request: str | list[dict] = prompt
+    if system is not None:  # Gemma 3's template opens the first user turn with it
+        request = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    gemma, load_seconds = _open(model_dir, provider, threads, max_length, "generate")
+    stream = gemma.stream(
+        request,
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        ignore_eos=ignore_eos,
+        chat=chat,
+        truncate=truncate,
+        **sampling,
+    )
+    for piece in stream:
+        echo(piece, nl=False)  # click.echo flushes: text appears as it is made
+    echo()
+    if stats:
+        click.echo(_format_stats(stream.completion, load_seconds), err=True)
+
+
+@click.command()
+@_model_options
+def chat(
+    model_dir: str | None,
+    provider: str,
+    threads: int | None,
+    max_new_tokens: int | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repetition_penalty: float,
+    seed: int | None,
+    stop: tuple[str, ...],
+    max_length: int | None,
+    system: str | None,
+    stats: bool,
+) -> None:
+    """Chat in the model's chat template: each line read is a message (end a line with \\ to
+    go on to the next), each answer is printed as it is made. Ctrl-C stops an answer; Ctrl-D,
+    /exit or the end of the input ends the chat, /reset starts a new conversation.
+
+    Each turn continues the KV cache of the last one, so only the new message is computed; a
+    conversation that outgrows the context loses its oldest turns.
+    """
+    sampling = _check_options(
+        provider, threads, max_new_tokens, temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, stop, max_length,
+    )  # fmt: skip
+    gemma, load_seconds = _open(model_dir, provider, threads, max_length, "chat")
+    if gemma.tokenizer.chat_template is None:
+        click.echo(
+            "note: this model folder has no chat template (a pretrained checkpoint?); its "
+            "turns follow Gemma 3's format",
+            err=True,
+        )
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        message = _read_message(interactive)
+        if message is None or message.strip() in ("/exit", "/quit"):
+            return
+        if message.strip() == "/reset":
+            messages = list(start)
+            continue
+        if not message.strip():
+            continue
+        messages.append({"role": "user", "content": message})
+        stream = gemma.stream(messages, max_new_tokens=max_new_tokens, stop=stop, truncate=True,
+                              **sampling)  # fmt: skip
+        answer, stopped = [], False
+        try:
+            for piece in stream:
+                answer.append(piece)
+                echo(piece, nl=False)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            stopped = True  # the partial answer stays in the conversation
+            click.echo(" [stopped]", err=True)
+        echo()
+        messages.append({"role": "assistant", "content": "".join(answer)})
+        if stats and not stopped:
+            click.echo(_format_stats(stream.completion, load_seconds), err=True)
+
+
+def _check_options(
+    provider, threads, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+    seed, stop, max_length,
+) -> dict:  # fmt: skip
+    """Check every option before anything loads (or the default model is made), so a typo fails
+    at once; return the sampling keywords for Gemma.stream."""
+    from gemma_onnx.api import check_options
     from gemma_onnx.runtime.sampling import SamplingConfig
 
-    # Check the options before loading anything (or making the default model), so a typo fails
-    # at once.
     SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     check_options(provider, threads, max_length, max_new_tokens, stop)
     if temperature == 0:
@@ -101,13 +216,16 @@ def generate(
                 "output is greedy",
                 err=True,
             )
-    if prompt is None or prompt == "-":
-        prompt = _read_stdin()
-    if not prompt:
-        raise GemmaOnnxError("the prompt is empty; pass PROMPT or pipe it on stdin")
-    request: str | list[dict] = prompt
-    if system is not None:  # Gemma 3's template opens the first user turn with it
-        request = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    return dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )  # fmt: skip
+
+
+def _open(model_dir, provider, threads, max_length, command: str):
+    """(Gemma on the model folder, seconds it took to load); the folder must have a tokenizer."""
+    from gemma_onnx.api import Gemma
+
     _tolerant_stdout()
     start = time.perf_counter()
     gemma = Gemma(
@@ -116,28 +234,34 @@ def generate(
     load_seconds = time.perf_counter() - start
     if gemma.tokenizer is None:
         raise GemmaOnnxError(
-            f"{gemma.session.model_dir} has no tokenizer.json, which gemma-onnx generate needs "
+            f"{gemma.session.model_dir} has no tokenizer.json, which gemma-onnx {command} needs "
             "to read the prompt; copy it there from the source weights' folder"
         )
-    stream = gemma.stream(
-        request,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=stop,
-        ignore_eos=ignore_eos,
-        chat=chat,
-        truncate=truncate,
-    )
-    for piece in stream:
-        echo(piece, nl=False)  # click.echo flushes: text appears as it is made
-    echo()
-    if stats:
-        click.echo(_format_stats(stream.completion, load_seconds), err=True)
+    return gemma, load_seconds
+
+
+def _read_message(interactive: bool) -> str | None:
+    """One message from stdin: a line, joined with the next while it ends in a backslash;
+    None at the end of the input."""
+    lines = []
+    while True:
+        if interactive:
+            click.echo("> " if not lines else "… ", nl=False, err=True)
+        raw = sys.stdin.buffer.readline()
+        if not raw:
+            return "\n".join(lines) if lines else None
+        try:
+            line = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError as exc:
+            raise GemmaOnnxError(
+                f"the message on stdin is not UTF-8 text (byte {raw[exc.start]:#04x}); convert "
+                "it, e.g. with iconv -t UTF-8"
+            ) from None
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        return "\n".join(lines)
 
 
 def echo(text: str = "", nl: bool = True) -> None:
@@ -194,9 +318,10 @@ def _format_stats(completion, load_seconds: float) -> str:
     # ru_maxrss is in KiB on Linux and in bytes on macOS.
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_mib = peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
     return (
         f"load {load_seconds:.2f} s | time to first token {s.prefill_seconds * 1000:.0f} ms | "
-        f"prefill {s.prompt_tokens} tokens, {s.prefill_tokens_per_second:.1f} tok/s | "
+        f"prefill {s.prompt_tokens} tokens{cached}, {s.prefill_tokens_per_second:.1f} tok/s | "
         f"decode {s.decode_steps} tokens, {s.decode_tokens_per_second:.1f} tok/s | "
         f"finish {completion.finish_reason} | peak RSS {peak_mib:.0f} MiB"
     )

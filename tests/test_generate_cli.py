@@ -68,6 +68,46 @@ def test_system_message_opens_the_chat(model_dir):
     assert run(*args, "--chat", "hi").stdout != result.stdout
 
 
+def chat(*args: str, stdin: str):
+    return CliRunner().invoke(main, ["chat", *args], input=stdin)
+
+
+def test_chat_keeps_the_conversation(model_dir):
+    """Each line is a user message in one growing conversation, answered as Gemma.generate
+    answers that conversation; --stats reports every turn."""
+    args = ["--model", model_dir, "--max-new-tokens", "6", "--threads", "1", "--stats"]
+    result = chat(*args, "--system", "be brief", stdin="hello\n\nabc def\n")
+    assert result.exit_code == 0, result.output
+    gemma = Gemma(model_dir)
+    conversation = [{"role": "system", "content": "be brief"}]
+    expected = ""
+    for message in ("hello", "abc def"):
+        conversation.append({"role": "user", "content": message})
+        answer = gemma.generate(conversation, max_new_tokens=6, truncate=True).text
+        conversation.append({"role": "assistant", "content": answer})
+        expected += answer + "\n"
+    assert result.stdout == expected
+    assert result.stderr.count("time to first token") == 2  # the blank line is no message
+
+
+def test_chat_reset_exit_and_continued_lines(model_dir):
+    args = ["--model", model_dir, "--max-new-tokens", "5", "--threads", "1"]
+    alone = chat(*args, stdin="ab\\\ncd\n").stdout  # "ab\ncd", one message over two lines
+    assert alone.count("\n") == 1
+    gemma = Gemma(model_dir)
+    message = [{"role": "user", "content": "ab\ncd"}]
+    assert alone == gemma.generate(message, max_new_tokens=5, truncate=True).text + "\n"
+    again = chat(*args, stdin="ab\\\ncd\n/reset\nab\\\ncd\n/exit\nnot read\n")
+    assert again.exit_code == 0 and again.stdout == alone + alone
+
+
+def test_chat_turn_that_cannot_fit_is_one_line_error(model_dir):
+    result = chat("--model", model_dir, "--max-length", "12", "--system", "a long system message",
+                  stdin="hi\n")  # fmt: skip
+    assert result.exit_code == 1
+    assert "the chat template alone takes" in result.stderr and "Traceback" not in result.output
+
+
 MOST_THREADS = 4 * (os.cpu_count() or 1)  # what the session allows
 
 
@@ -94,8 +134,10 @@ MOST_THREADS = 4 * (os.cpu_count() or 1)  # what the session allows
         ("--provider", "tpu", "provider 'tpu' is not supported; choose cpu or cuda"),
     ],
 )
-def test_bad_option_values_fail_in_one_line(model_dir, option, value, message):
-    result = run("--model", model_dir, option, value, "hello")
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_bad_option_values_fail_in_one_line(model_dir, option, value, message, command):
+    prompt = ["hello"] if command == "generate" else []
+    result = CliRunner().invoke(main, [command, "--model", model_dir, option, value, *prompt])
     assert result.exit_code == 1
     assert result.stderr == f"error: {message}\n"
     assert "Traceback" not in result.output
