@@ -61,6 +61,9 @@ _LAYERS_27B = 62
 # bigger models are sharded the way `save_pretrained` does, which bounds our peak memory too.
 _MAX_SHARD_BYTES = 2 << 30
 
+# Rows of a tensor dequantized at a time (see _dequantize).
+_DEQUANTIZE_ROWS = 16384
+
 # Block formats `gguf.quants.dequantize` unpacks and we accept. Others (the IQ* families, ternary)
 # are refused by name rather than trusted untested.
 SUPPORTED_TYPES = frozenset(
@@ -475,7 +478,17 @@ def _dequantize(planned: _Planned) -> np.ndarray:
     from gguf.quants import dequantize
 
     tensor = planned.tensor
-    values = dequantize(tensor.data, tensor.tensor_type).reshape(planned.shape)  # float32
+    data = tensor.data  # [rows, bytes a row] for block formats, [rows, columns] for floats
+    if data.ndim < 2:
+        values = dequantize(data, tensor.tensor_type).reshape(planned.shape)  # float32
+    else:
+        # Row ranges, so that dequantize's temporaries (several times its float32 output)
+        # stay small beside the output: the 270M's Q8_0 embedding alone is 0.67 GB of it.
+        values = np.empty(planned.shape, np.float32)
+        flat = values.reshape(data.shape[0], -1)
+        for start in range(0, data.shape[0], _DEQUANTIZE_ROWS):
+            rows = data[start : start + _DEQUANTIZE_ROWS]
+            flat[start : start + len(rows)] = dequantize(rows, tensor.tensor_type)
     if planned.minus_one:
         # llama.cpp's converter wrote the Gemma norm weight as float32(1 + w)
         # (convert_hf_to_gguf.py, Gemma3Model.modify_tensors). Subtracting 1 in float32 is what
