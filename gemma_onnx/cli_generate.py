@@ -143,8 +143,8 @@ def chat(
     go on to the next), each answer is printed as it is made. Ctrl-C stops an answer; Ctrl-D,
     /exit or the end of the input ends the chat, /reset starts a new conversation.
 
-    Each turn continues the KV cache of the last one, so only the new message is computed; a
-    conversation that outgrows the context loses its oldest turns.
+    On the CPU each turn continues the KV cache of the last one, so only the new message is
+    computed; a conversation that outgrows the context loses its oldest turns.
     """
     sampling = _check_options(
         provider, threads, max_new_tokens, temperature, top_k, top_p, min_p,
