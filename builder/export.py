@@ -31,7 +31,7 @@ import onnx
 import onnx_ir as ir
 
 from gemma_onnx.builder.config import Gemma3Config
-from gemma_onnx.builder.graph import ALIAS_OF, build_graph
+from gemma_onnx.builder.graph import ALIAS_OF, PRECISIONS, build_graph
 from gemma_onnx.builder.interop import write_genai_config, write_transformers_js_layout
 from gemma_onnx.builder.quantize import BITS, QuantConfig
 from gemma_onnx.builder.report import write_quality_report
@@ -386,7 +386,11 @@ def _build_from_gguf(gguf: Path, output: Path, **options) -> Path:
             if options["progress"]:
                 note = f"importing {gguf.name} (dequantized to float32)"
                 print(note, file=sys.stderr, flush=True)
-            imported = import_gguf(gguf, holder / "hf", progress=options["progress"])
+            try:
+                imported = import_gguf(gguf, holder / "hf", progress=options["progress"])
+            except GemmaOnnxError as exc:  # it names its temporary folder; the user named output
+                where = f"{output} (importing the GGUF beside it)"
+                raise GemmaOnnxError(str(exc).replace(str(holder / "hf"), where)) from None
             return build_model(imported, output, **options)
     except OSError as exc:  # making the holder; import_gguf reports its own writes
         reason = exc.strerror or exc
@@ -398,17 +402,29 @@ def _staging_folder(output: Path) -> Iterator[Path]:
     """A new temporary folder beside ``output``, flock-ed while this build lives (so the next
     build to ``output`` removes it only if this one died), and removed on the way out unless it
     was renamed into place."""
+    made = []  # the output's missing parent folders, deepest first: a failed build removes them
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        made.append(parent)
+        parent = parent.parent
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(output)
     folder = Path(tempfile.mkdtemp(prefix=_staging_prefix(output), dir=output.parent))
     lock = _try_lock(folder)
+    done = False
     try:
         yield folder
+        done = True
     finally:
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         if lock is not None:
             os.close(lock)
+        for parent in [] if done else made:
+            try:
+                parent.rmdir()  # only if empty: never anything of the user's
+            except OSError:
+                break
 
 
 def build_model(
@@ -446,6 +462,11 @@ def build_model(
         raise GemmaOnnxError(f"quant applies to precision int8 or int4, not {precision!r}")
     if quality is not None and not isinstance(quality, bool):
         raise GemmaOnnxError(f"quality must be True, False or None, got {quality!r}")
+    if precision not in (*PRECISIONS, *BITS):
+        raise GemmaOnnxError(
+            f"precision {precision!r} is not supported; choose from "
+            f"{', '.join([*PRECISIONS, *BITS])}"
+        )
     if target not in TARGETS:
         raise GemmaOnnxError(
             f"target {target!r} is not supported; choose from {', '.join(TARGETS)}"
@@ -456,8 +477,14 @@ def build_model(
         )
     if layout == "transformers.js" and (target != "portable" or precision not in ("fp32", "fp16")):
         raise GemmaOnnxError("--layout transformers.js needs --target portable and fp32 or fp16")
+    if precision in BITS:
+        quant = quant or QuantConfig(bits=BITS[precision])
+        if target == "portable" and quant.rescore_top:
+            raise GemmaOnnxError(
+                "--rescore-top applies to --target ort; the portable target's LM head is float"
+            )
     weights, output = Path(weights), Path(output)
-    if is_gguf(weights):
+    if is_gguf(weights):  # after the checks above, which need no weights: before the import
         return _build_from_gguf(
             weights, output, precision=precision, target=target, overwrite=overwrite,
             progress=progress, quant=quant, layout=layout, quality=quality,
@@ -476,12 +503,7 @@ def build_model(
     generation = _generation_config(source, config_json, config.vocab_size)
     _check_tokenizer_files_readable(source)
     if precision in BITS:
-        quant = quant or QuantConfig(bits=BITS[precision])
         quant.check_block_size(config)
-        if target == "portable" and quant.rescore_top:
-            raise GemmaOnnxError(
-                "--rescore-top applies to --target ort; the portable target's LM head is float"
-            )
     if precision in BITS and quality and not (source / "tokenizer.json").is_file():
         raise GemmaOnnxError(
             f"{source}: --quality reads the held-out text with the source's tokenizer.json, "

@@ -470,6 +470,11 @@ def check_options(
     _check_max_length(max_length)
     if max_new_tokens is not None:
         check_max_new_tokens(max_new_tokens)
+        if max_length is not None and max_new_tokens >= max_length:
+            raise GemmaOnnxError(
+                f"max_new_tokens (--max-new-tokens) {max_new_tokens} leaves no room for the "
+                f"prompt in max_length (--max-length) {max_length}"
+            )
     _stop_strings(stop)
 
 

@@ -159,9 +159,15 @@ def chat(
         )
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    interactive = sys.stdin.isatty()
+    interactive = _interactive()
     while True:
-        message = _read_message(interactive)
+        try:
+            message = _read_message(interactive)
+        except GemmaOnnxError as exc:  # a line that is not UTF-8
+            if not interactive:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            continue
         if message is None or message.strip() in ("/exit", "/quit"):
             return
         if message.strip() == "/reset":
@@ -182,6 +188,14 @@ def chat(
                 raise
             stopped = True  # the partial answer stays in the conversation
             click.echo(" [stopped]", err=True)
+        except GemmaOnnxError as exc:  # this message cannot be answered (too long, ...)
+            if not interactive:
+                raise
+            if answer:
+                echo()
+            messages.pop()
+            click.echo(f"error: {exc}", err=True)
+            continue
         echo()
         messages.append({"role": "assistant", "content": "".join(answer)})
         if stats and not stopped:
@@ -238,6 +252,11 @@ def _open(model_dir, provider, threads, max_length, command: str):
             "to read the prompt; copy it there from the source weights' folder"
         )
     return gemma, load_seconds
+
+
+def _interactive() -> bool:
+    """Someone types the messages: show a prompt, and let a bad line or turn pass."""
+    return sys.stdin.isatty()
 
 
 def _read_message(interactive: bool) -> str | None:

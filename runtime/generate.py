@@ -117,7 +117,8 @@ def fit_context(
             if head + tail >= room:
                 if frames is not None and frames[row] is not None and head + tail > 1:
                     raise GemmaOnnxError(
-                        f"{name}: the chat template alone takes {head + tail} of the "
+                        f"{name}: the chat template (with the system message, if any) alone "
+                        f"takes {head + tail} of the "
                         f"{room} tokens the context leaves for the prompt; lower "
                         "--max-new-tokens or raise --max-length"
                     )

@@ -167,6 +167,7 @@ def check_messages(conversation: str | Sequence[Mapping]) -> list[dict]:
         if role not in ROLES:
             raise GemmaOnnxError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
         if isinstance(content, str):
+            _check_text(content, where)
             continue
         if not isinstance(content, Sequence) or isinstance(content, (bytes, bytearray)):
             raise GemmaOnnxError(
@@ -179,9 +180,20 @@ def check_messages(conversation: str | Sequence[Mapping]) -> list[dict]:
                     f"{where}: only text parts ({{'type': 'text', 'text': ...}}) are supported "
                     f"by Gemma 3's text decoder, got {part!r:.60}"
                 )
+            _check_text(part["text"], where)
     if all(m["role"] == "system" for m in messages):
         raise GemmaOnnxError("the conversation has only system messages; add a user message")
     return [dict(m) for m in messages]
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (surrogateescape'd bytes)
+        raise GemmaOnnxError(
+            f"{where} is not valid text: {text[exc.start : exc.end]!r} at character {exc.start} "
+            "(was it read from bytes that are not UTF-8?)"
+        ) from None
 
 
 def _text(content: str | Sequence[Mapping], trim: bool = True) -> str:

@@ -13,6 +13,7 @@ from test_runtime import make_tiny_model
 from gemma_onnx.api import Gemma
 from gemma_onnx.cli import main
 from gemma_onnx.cli_generate import generate
+from gemma_onnx.errors import GemmaOnnxError
 
 if "generate" not in main.commands:  # until the lead registers it on the group
     main.add_command(generate)
@@ -105,7 +106,42 @@ def test_chat_turn_that_cannot_fit_is_one_line_error(model_dir):
     result = chat("--model", model_dir, "--max-length", "12", "--system", "a long system message",
                   stdin="hi\n")  # fmt: skip
     assert result.exit_code == 1
-    assert "the chat template alone takes" in result.stderr and "Traceback" not in result.output
+    message = "the chat template (with the system message, if any) alone takes"
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_interactive_chat_survives_a_bad_line_and_a_turn_that_cannot_fit(model_dir, monkeypatch):
+    """Typed, a line that is not UTF-8, or a message too long to answer, is named and the chat
+    goes on (piped, either ends it, as the tests above show)."""
+    from gemma_onnx import api, cli_generate
+
+    monkeypatch.setattr(cli_generate, "_interactive", lambda: True)
+    encode = api.Gemma._encode
+
+    def refuse_boom(self, prompt, *args):
+        if prompt[-1]["content"] == "boom":
+            raise GemmaOnnxError("this message cannot be answered")
+        return encode(self, prompt, *args)
+
+    monkeypatch.setattr(api.Gemma, "_encode", refuse_boom)
+    args = ["--model", model_dir, "--max-new-tokens", "5", "--threads", "1"]
+    result = CliRunner().invoke(main, ["chat", *args], input=b"bad \xff line\nboom\nhi\n")
+    assert result.exit_code == 0, result.output
+    assert "error: the message on stdin is not UTF-8 text (byte 0xff)" in result.stderr
+    assert "error: this message cannot be answered" in result.stderr
+    hi = [{"role": "user", "content": "hi"}]  # neither refused message stays in the chat
+    answer = Gemma(model_dir).generate(hi, max_new_tokens=5, truncate=True).text
+    assert result.stdout == answer + "\n"
+
+
+def test_chat_refuses_max_new_tokens_that_fill_max_length_before_loading(tmp_path):
+    result = chat("--model", str(tmp_path / "nowhere"), "--max-length", "10",
+                  "--max-new-tokens", "10", stdin="hi\n")  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "error: max_new_tokens (--max-new-tokens) 10 leaves no room for the prompt in "
+        "max_length (--max-length) 10\n"
+    )
 
 
 MOST_THREADS = 4 * (os.cpu_count() or 1)  # what the session allows

@@ -480,11 +480,26 @@ def test_build_from_gguf_protects_the_file_and_cleans_up(tmp_path, monkeypatch):
         raise GemmaOnnxError("the graph could not be built")
 
     monkeypatch.setattr(export, "build_graph", fail)
-    result = CliRunner().invoke(
-        main, ["build", "--weights", str(path), "--output", str(tmp_path / "out")]
-    )
+    output = tmp_path / "new" / "deeper" / "out"  # folders the failed build made go too
+    result = CliRunner().invoke(main, ["build", "--weights", str(path), "--output", str(output)])
     assert result.exit_code == 1 and "could not be built" in result.output
     assert list(tmp_path.iterdir()) == [path] and path.read_bytes() == before
+
+
+def test_build_from_gguf_checks_its_options_before_importing(tmp_path, monkeypatch):
+    path = _write_tiny_gguf(tmp_path / "tiny.gguf")
+
+    def imported(*args, **kwargs):
+        raise AssertionError("the GGUF was imported before the options were checked")
+
+    monkeypatch.setattr(gguf_import, "import_gguf", imported)
+    options = ["--precision", "int4", "--target", "portable", "--rescore-top", "8"]
+    output = str(tmp_path / "new" / "out")
+    result = CliRunner().invoke(
+        main, ["build", "--weights", str(path), "--output", output, *options]
+    )
+    assert result.exit_code == 1 and "--rescore-top applies to --target ort" in result.output
+    assert list(tmp_path.iterdir()) == [path]
 
 
 # --- (d) the default-model cache --------------------------------------------------------------

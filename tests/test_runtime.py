@@ -511,6 +511,10 @@ def test_a_long_conversation_loses_its_oldest_turns_first(tiny):
         ([CONVERSATION[0]], "only system messages; add a user message"),
         ([CONVERSATION[1], "hi"], "message 1 must be a dict with 'role' and 'content'"),
         (CONVERSATION[1], "one message is not a conversation: pass a list of messages"),
+        (
+            [{"role": "user", "content": "a\udc80"}],
+            r"the prompt: message 0 is not valid text: '\\udc80' at character 1",
+        ),
     ],
 )
 def test_bad_conversations_are_named(gemma, conversation, message):
@@ -606,7 +610,9 @@ def test_chat_truncation_cuts_the_text_and_keeps_the_turn_markers(tiny):
     kept = head + full[len(full) - len(tail) - body : len(full) - len(tail)] + tail
     assert small.generate(kept, max_new_tokens=4, ignore_eos=True).token_ids == got.token_ids
     tiny_room = Gemma(tiny[0], max_length=10)
-    with pytest.raises(GemmaOnnxError, match="the chat template alone takes"):
+    with pytest.raises(
+        GemmaOnnxError, match=r"the chat template \(with the system message, if any\) alone takes"
+    ):
         tiny_room.generate(text, chat=True, truncate=True, max_new_tokens=4)
 
 
