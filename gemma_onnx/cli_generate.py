@@ -11,6 +11,8 @@ import errno
 import resource
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import click
 
@@ -73,72 +75,33 @@ def _model_options(command):
 @click.option("--truncate", is_flag=True, help="Drop the start of a prompt that is too long.")
 @click.argument("prompt", required=False)
 def generate(
-    model_dir: str | None,
-    provider: str,
-    threads: int | None,
-    max_new_tokens: int | None,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    min_p: float,
-    repetition_penalty: float,
-    seed: int | None,
-    stop: tuple[str, ...],
-    max_length: int | None,
-    system: str | None,
-    stats: bool,
-    ignore_eos: bool,
-    chat: bool,
-    truncate: bool,
-    prompt: str | None,
+    ignore_eos: bool, chat: bool, truncate: bool, prompt: str | None, **shared: Any
 ) -> None:
     """Generate text for PROMPT (read from stdin when omitted or '-'), printed as it is made."""
-    sampling = _check_options(
-        provider, threads, max_new_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop, max_length,
-    )  # fmt: skip
+    options = _Options(**shared)
+    options.check()
     if prompt is None or prompt == "-":
         prompt = _read_stdin()
     if not prompt:
         raise GemmaOnnxError("the prompt is empty; pass PROMPT or pipe it on stdin")
     request: str | list[dict] = prompt
-    if system is not None:  # Gemma 3's template opens the first user turn with it
-        request = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
-    gemma, load_seconds = _open(model_dir, provider, threads, max_length, "generate")
+    if options.system is not None:  # Gemma 3's template opens the first user turn with it
+        system = {"role": "system", "content": options.system}
+        request = [system, {"role": "user", "content": prompt}]
+    gemma, load_seconds = options.open("generate")
     stream = gemma.stream(
-        request,
-        max_new_tokens=max_new_tokens,
-        stop=stop,
-        ignore_eos=ignore_eos,
-        chat=chat,
-        truncate=truncate,
-        **sampling,
+        request, ignore_eos=ignore_eos, chat=chat, truncate=truncate, **options.generation
     )
     for piece in stream:
         echo(piece, nl=False)  # click.echo flushes: text appears as it is made
     echo()
-    if stats:
+    if options.stats:
         click.echo(_format_stats(stream.completion, load_seconds), err=True)
 
 
 @click.command()
 @_model_options
-def chat(
-    model_dir: str | None,
-    provider: str,
-    threads: int | None,
-    max_new_tokens: int | None,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    min_p: float,
-    repetition_penalty: float,
-    seed: int | None,
-    stop: tuple[str, ...],
-    max_length: int | None,
-    system: str | None,
-    stats: bool,
-) -> None:
+def chat(**shared: Any) -> None:
     """Chat in the model's chat template: each line read is a message (end a line with \\ to
     go on to the next), each answer is printed as it is made. Ctrl-C stops an answer; Ctrl-D,
     /exit or the end of the input ends the chat, /reset starts a new conversation.
@@ -146,18 +109,16 @@ def chat(
     On the CPU each turn continues the KV cache of the last one, so only the new message is
     computed; a conversation that outgrows the context loses its oldest turns.
     """
-    sampling = _check_options(
-        provider, threads, max_new_tokens, temperature, top_k, top_p, min_p,
-        repetition_penalty, seed, stop, max_length,
-    )  # fmt: skip
-    gemma, load_seconds = _open(model_dir, provider, threads, max_length, "chat")
+    options = _Options(**shared)
+    options.check()
+    gemma, load_seconds = options.open("chat")
     if gemma.tokenizer.chat_template is None:
         click.echo(
             "note: this model folder has no chat template (a pretrained checkpoint?); its "
             "turns follow Gemma 3's format",
             err=True,
         )
-    start = [{"role": "system", "content": system}] if system else []
+    start = [{"role": "system", "content": options.system}] if options.system else []
     messages = list(start)
     interactive = _interactive()
     while True:
@@ -176,8 +137,7 @@ def chat(
         if not message.strip():
             continue
         messages.append({"role": "user", "content": message})
-        stream = gemma.stream(messages, max_new_tokens=max_new_tokens, stop=stop, truncate=True,
-                              **sampling)  # fmt: skip
+        stream = gemma.stream(messages, truncate=True, **options.generation)
         answer, stopped = [], False
         try:
             for piece in stream:
@@ -198,60 +158,86 @@ def chat(
             continue
         echo()
         messages.append({"role": "assistant", "content": "".join(answer)})
-        if stats and not stopped:
+        if options.stats and not stopped:
             click.echo(_format_stats(stream.completion, load_seconds), err=True)
 
 
-def _check_options(
-    provider, threads, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-    seed, stop, max_length,
-) -> dict:  # fmt: skip
-    """Check every option before anything loads (or the default model is made), so a typo fails
-    at once; return the sampling keywords for Gemma.stream."""
-    from gemma_onnx.api import check_options
-    from gemma_onnx.runtime.sampling import SamplingConfig
+@dataclass(frozen=True)
+class _Options:
+    """The options generate and chat share (_MODEL_OPTIONS), as click passes them."""
 
-    SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    check_options(provider, threads, max_length, max_new_tokens, stop)
-    if temperature == 0:
-        ignored = [
-            name
-            for name, value, off in (
-                ("--top-k", top_k, 0),
-                ("--top-p", top_p, 1.0),
-                ("--min-p", min_p, 0.0),
-                ("--seed", seed, None),
-            )
-            if value != off
-        ]
-        if ignored:
-            click.echo(
-                f"note: {', '.join(ignored)} only shape sampling; with --temperature 0 the "
-                "output is greedy",
-                err=True,
-            )
-    return dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, seed=seed,
-    )  # fmt: skip
+    model_dir: str | None
+    provider: str
+    threads: int | None
+    max_new_tokens: int | None
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    seed: int | None
+    stop: tuple[str, ...]
+    max_length: int | None
+    system: str | None
+    stats: bool
 
+    @property
+    def generation(self) -> dict[str, Any]:
+        """Gemma.stream's keywords for these options."""
+        return dict(
+            max_new_tokens=self.max_new_tokens, stop=self.stop, temperature=self.temperature,
+            top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, seed=self.seed,
+        )  # fmt: skip
 
-def _open(model_dir, provider, threads, max_length, command: str):
-    """(Gemma on the model folder, seconds it took to load); the folder must have a tokenizer."""
-    from gemma_onnx.api import Gemma
+    def check(self) -> None:
+        """Check every option before anything loads (or the default model is made), so a typo
+        fails at once; note sampling options that greedy decoding ignores."""
+        from gemma_onnx.api import check_options
+        from gemma_onnx.runtime.sampling import SamplingConfig
 
-    _tolerant_stdout()
-    start = time.perf_counter()
-    gemma = Gemma(
-        model_dir or _default_model(), provider=provider, threads=threads, max_length=max_length
-    )
-    load_seconds = time.perf_counter() - start
-    if gemma.tokenizer is None:
-        raise GemmaOnnxError(
-            f"{gemma.session.model_dir} has no tokenizer.json, which gemma-onnx {command} needs "
-            "to read the prompt; copy it there from the source weights' folder"
+        SamplingConfig(
+            self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+            self.seed,
+        )  # fmt: skip
+        check_options(self.provider, self.threads, self.max_length, self.max_new_tokens, self.stop)
+        if self.temperature == 0:
+            ignored = [
+                name
+                for name, value, off in (
+                    ("--top-k", self.top_k, 0),
+                    ("--top-p", self.top_p, 1.0),
+                    ("--min-p", self.min_p, 0.0),
+                    ("--seed", self.seed, None),
+                )
+                if value != off
+            ]
+            if ignored:
+                click.echo(
+                    f"note: {', '.join(ignored)} only shape sampling; with --temperature 0 the "
+                    "output is greedy",
+                    err=True,
+                )
+
+    def open(self, command: str):
+        """(Gemma on the model folder, seconds it took to load); the folder needs a tokenizer."""
+        from gemma_onnx.api import Gemma
+
+        _tolerant_stdout()
+        start = time.perf_counter()
+        gemma = Gemma(
+            self.model_dir or _default_model(),
+            provider=self.provider,
+            threads=self.threads,
+            max_length=self.max_length,
         )
-    return gemma, load_seconds
+        load_seconds = time.perf_counter() - start
+        if gemma.tokenizer is None:
+            raise GemmaOnnxError(
+                f"{gemma.session.model_dir} has no tokenizer.json, which gemma-onnx {command} "
+                "needs to read the prompt; copy it there from the source weights' folder"
+            )
+        return gemma, load_seconds
 
 
 def _interactive() -> bool:
