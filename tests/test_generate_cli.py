@@ -110,9 +110,10 @@ def test_chat_turn_that_cannot_fit_is_one_line_error(model_dir):
     assert message in result.stderr and "Traceback" not in result.output
 
 
-def test_interactive_chat_survives_a_bad_line_and_a_turn_that_cannot_fit(model_dir, monkeypatch):
-    """Typed, a line that is not UTF-8, or a message too long to answer, is named and the chat
-    goes on (piped, either ends it, as the tests above show)."""
+def test_interactive_chat_survives_a_bad_line_and_an_unanswerable_message(model_dir, monkeypatch):
+    """Typed, a line that is not UTF-8, or a message the API refuses (here: by a stand-in for
+    any GemmaOnnxError), is named and the chat goes on (piped, an error ends it, as the test
+    above shows)."""
     from gemma_onnx import api, cli_generate
 
     monkeypatch.setattr(cli_generate, "_interactive", lambda: True)
